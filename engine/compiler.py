@@ -1,0 +1,128 @@
+"""Compiling a ruleset version: parse, validate, build the matchers, hash the content."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from engine.conditions import Condition
+from engine.decision import Decision, canonical_json
+from engine.expressions import Compare, Explainer, Node, Num, Type, compile_evidence
+from engine.matcher import Matcher
+from engine.model import FeeKind, Ruleset, ValueType
+from engine.problems import Problem, RulesetInvalid, Severity
+from engine.request import SettlementRequest
+from engine.settlement import Explained, settle
+from engine.source import SourceDocument, SourceError, load_source
+from engine.validation import RulesetBuilder
+
+
+@dataclass
+class CompiledRuleset:
+    """A ruleset version ready to settle. Thread-safe; call close() when retiring it."""
+
+    ruleset: Ruleset
+    content_hash: str
+    version: int | None
+    warnings: tuple[Problem, ...]
+    exemption_matcher: Matcher
+    condition_matcher: Matcher
+    rules: tuple[Explained, ...]
+    explainers: dict[str, Explainer]
+    document: SourceDocument
+    _closed: bool = field(default=False, repr=False)
+    _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.ruleset.id
+
+    def settle(self, request: SettlementRequest) -> Decision:
+        """Compute the decision (SPEC §4). Raises RequestInvalid listing every problem."""
+        return settle(self, request)
+
+    def close(self) -> None:
+        """Free the matcher's native sessions; the object must not be used afterwards."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self.exemption_matcher.close()
+                self.condition_matcher.close()
+
+
+def content_hash(document: SourceDocument) -> str:
+    """SHA-256 of the canonical JSON of the document's values (comments and layout ignored)."""
+    return hashlib.sha256(canonical_json(document.data)).hexdigest()
+
+
+def parse_and_validate(source: str | bytes) -> tuple[SourceDocument | None, Ruleset | None, list[Problem]]:
+    try:
+        document = load_source(source)
+    except SourceError as exc:
+        return None, None, [exc.problem]
+    builder = RulesetBuilder(document)
+    ruleset, problems = builder.build()
+    return document, ruleset, problems
+
+
+def compile_ruleset(source: str | bytes, version: int | None = None) -> CompiledRuleset:
+    """Parse, validate and compile. Raises RulesetInvalid with every problem found."""
+    document, ruleset, problems = parse_and_validate(source)
+    if ruleset is None or document is None:
+        raise RulesetInvalid(problems)
+    return _compile(document, ruleset, problems, version)
+
+
+def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem], version: int | None) -> CompiledRuleset:
+    builder_types = _name_types(ruleset)
+    integral = {"period_days", "active_days", "market"} | {i.name for i in (*ruleset.metrics, *ruleset.params) if i.type is ValueType.COUNT}
+    markets = list(ruleset.markets)
+    exemption_rules: list[tuple[str, Condition]] = [(e.name, e.condition) for e in ruleset.exemptions]
+    condition_rules: list[tuple[str, Condition]] = []
+    explained: list[Explained] = []
+    explainers: dict[str, Explainer] = {e.name: compile_evidence(e.when.tree) for e in ruleset.exemptions}
+    for fee in ruleset.fees:
+        if fee.kind is FeeKind.BONUS and fee.steps_on is not None:
+            for step in fee.steps:
+                condition_rules.append((step.rule, step.condition))
+                explained.append(Explained(step.rule, "bonus_step", compile_evidence(_step_tree(fee.steps_on.tree, step.threshold))))
+        elif fee.condition is not None and fee.when is not None:
+            condition_rules.append((fee.id, fee.condition))
+            explained.append(Explained(fee.id, fee.kind.value, compile_evidence(fee.when.tree)))
+    for warning in ruleset.warnings:
+        condition_rules.append((warning.id, warning.condition))
+        explainer = compile_evidence(warning.when.tree)
+        explainers[warning.id] = explainer
+        explained.append(Explained(warning.id, "warning", explainer))
+    try:
+        exemption_matcher = Matcher(exemption_rules, builder_types, integral, markets)
+        condition_matcher = Matcher(condition_rules, builder_types, integral, markets)
+    except ValueError as exc:  # a limit check the validator should already have reported
+        raise RulesetInvalid([*problems, Problem(getattr(exc, "code", "rule.limit"), "", str(exc))]) from exc
+    return CompiledRuleset(
+        ruleset=ruleset,
+        content_hash=content_hash(document),
+        version=version,
+        warnings=tuple(p for p in problems if p.severity is Severity.WARNING),
+        exemption_matcher=exemption_matcher,
+        condition_matcher=condition_matcher,
+        rules=tuple(explained),
+        explainers=explainers,
+        document=document,
+    )
+
+
+def _step_tree(steps_on: Node, threshold: Decimal) -> Node:
+    return Compare(">=", steps_on, Num(threshold, str(threshold)))
+
+
+def _name_types(ruleset: Ruleset) -> dict[str, Type]:
+    types = {"market": Type.STRING, "period_days": Type.NUMBER, "active_days": Type.NUMBER}
+    named: list[str] = [i.name for i in (*ruleset.metrics, *ruleset.params)] + [k.name for k in ruleset.kpis]
+    for name in named + [f.id for f in ruleset.fees]:
+        types[name] = Type.NUMBER
+    for exemption in ruleset.exemptions:
+        types[exemption.name] = Type.BOOL
+    return types

@@ -1,0 +1,149 @@
+"""The settlement decision: immutable, complete (SPEC §5, the engine's part), canonical JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from engine.money import plain
+
+
+@dataclass(frozen=True, slots=True)
+class FxUsed:
+    metric: str
+    base: str
+    quote: str
+    rate: Decimal
+    source: str
+    as_of: str
+    amount: Decimal  # as received, in `base`
+    converted: Decimal  # in the settlement currency, full precision
+
+
+@dataclass(frozen=True, slots=True)
+class ExemptionOutcome:
+    name: str
+    applied: bool
+    evidence: str
+    label_en: str
+    label_zh: str
+
+
+@dataclass(frozen=True, slots=True)
+class RuleOutcome:
+    rule: str  # exemption name, fee id, `fee.steps[i]`, or warning id
+    kind: str  # exemption | bonus_step | bonus | penalty | warning
+    fired: bool
+    evidence: str
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    id: str
+    kind: str  # fixed | percentage | tiered | bonus | penalty | adjustment
+    label_en: str
+    label_zh: str
+    basis: Decimal | None
+    rate: Decimal | None
+    detail: str  # how the exact amount came about
+    exact: Decimal  # before rounding
+    amount: Decimal  # rounded to the currency's minor units
+    waived_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RaisedWarning:
+    id: str
+    message_en: str
+    message_zh: str
+    evidence: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    ruleset_id: str
+    ruleset_version: int | None
+    content_hash: str
+    engine_version: str
+    currency: str
+    rounding: str
+    market: str
+    period_start: str
+    period_end: str
+    period_days: int
+    active_days: int
+    inputs: dict[str, Any]  # the request exactly as given
+    fx_rates: tuple[FxUsed, ...]
+    exemptions: tuple[ExemptionOutcome, ...]
+    target_factor: Decimal
+    params: tuple[tuple[str, Decimal], ...]  # after defaults and target proration
+    kpis: tuple[tuple[str, Decimal], ...]
+    rules: tuple[RuleOutcome, ...]
+    lines: tuple[Line, ...]
+    total: Decimal
+    warnings: tuple[RaisedWarning, ...]
+
+    def line(self, line_id: str) -> Line:
+        for line in self.lines:
+            if line.id == line_id:
+                return line
+        raise KeyError(line_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values; every decimal as an exact string."""
+        return {
+            "ruleset": {"id": self.ruleset_id, "version": self.ruleset_version, "content_hash": self.content_hash},
+            "engine_version": self.engine_version,
+            "currency": self.currency,
+            "rounding": self.rounding,
+            "market": self.market,
+            "period": {"start": self.period_start, "end": self.period_end, "days": self.period_days, "active_days": self.active_days},
+            "inputs": self.inputs,
+            "fx_rates": [
+                {
+                    "metric": f.metric,
+                    "base": f.base,
+                    "quote": f.quote,
+                    "rate": plain(f.rate),
+                    "source": f.source,
+                    "as_of": f.as_of,
+                    "amount": plain(f.amount),
+                    "converted": plain(f.converted),
+                }
+                for f in self.fx_rates
+            ],
+            "exemptions": [
+                {"name": e.name, "applied": e.applied, "evidence": e.evidence, "label": {"en": e.label_en, "zh": e.label_zh}}
+                for e in self.exemptions
+            ],
+            "target_factor": plain(self.target_factor),
+            "params": {name: plain(value) for name, value in self.params},
+            "kpis": {name: plain(value) for name, value in self.kpis},
+            "rules": [{"rule": r.rule, "kind": r.kind, "fired": r.fired, "evidence": r.evidence} for r in self.rules],
+            "lines": [
+                {
+                    "id": ln.id,
+                    "kind": ln.kind,
+                    "label": {"en": ln.label_en, "zh": ln.label_zh},
+                    "basis": None if ln.basis is None else plain(ln.basis),
+                    "rate": None if ln.rate is None else plain(ln.rate),
+                    "detail": ln.detail,
+                    "exact": plain(ln.exact),
+                    "amount": plain(ln.amount),
+                    "waived_by": list(ln.waived_by),
+                }
+                for ln in self.lines
+            ],
+            "total": plain(self.total),
+            "warnings": [{"id": w.id, "message": {"en": w.message_en, "zh": w.message_zh}, "evidence": w.evidence} for w in self.warnings],
+        }
+
+    def to_canonical_json(self) -> bytes:
+        """Sorted keys, no spaces, UTF-8: byte-identical for identical inputs and ruleset version."""
+        return canonical_json(self.to_dict())
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,565 @@
+"""The expression language of rulesets: tokenizer, parser, type checker, compiled evaluator.
+
+Hand-written recursive descent; nothing reaches Python `eval`. An expression is parsed
+once when the ruleset is compiled and turned into closures over `Decimal` arithmetic in
+the engine's exact context, so evaluating it per settlement costs a few calls.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+from enum import StrEnum
+
+from engine.money import ARITHMETIC, DecimalTextError, parse_decimal, plain
+
+MAX_LENGTH = 1000
+MAX_DEPTH = 32
+
+Scalar = Decimal | bool | str
+Env = Mapping[str, Scalar]
+
+
+class Type(StrEnum):
+    NUMBER = "number"
+    BOOL = "boolean"
+    STRING = "string"
+
+
+class ExpressionError(Exception):
+    """A problem in an expression's text or types; `offset` is 0-based into the text."""
+
+    def __init__(self, code: str, message: str, offset: int = 0) -> None:
+        self.code = code
+        self.offset = offset
+        super().__init__(message)
+
+
+class ZeroDivision(ArithmeticError):
+    """Division by zero while evaluating; the caller decides (on_zero_division or an error)."""
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+        super().__init__(f"division by zero in {expression!r}")
+
+
+# ---------------------------------------------------------------- syntax tree
+
+
+@dataclass(frozen=True, slots=True)
+class Num:
+    value: Decimal
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Str:
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bool:
+    value: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    name: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Neg:
+    operand: Node
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    operand: Node
+
+
+@dataclass(frozen=True, slots=True)
+class Arith:
+    op: str  # + - * /
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    op: str  # < <= > >= == !=
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True, slots=True)
+class Logic:
+    op: str  # and | or
+    operands: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    function: str  # min | max | abs
+    args: tuple[Node, ...]
+    offset: int
+
+
+Node = Num | Str | Bool | Name | Neg | Not | Arith | Compare | Logic | Call
+
+FUNCTIONS = ("min", "max", "abs")
+KEYWORDS = ("and", "or", "not", "true", "false")
+COMPARISONS = ("<=", ">=", "==", "!=", "<", ">")
+NEGATED = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
+MIRRORED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+
+# ---------------------------------------------------------------- tokens
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<number>\d+(?:\.\d+)?(?:\s*%)?)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<string>'[^'\\\n]{0,64}'|"[^"\\\n]{0,64}")
+  | (?P<op><=|>=|==|!=|[-+*/()<>,])
+    """,
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    kind: str  # number | name | string | op | end
+    text: str
+    offset: int
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if not match:
+            raise ExpressionError("expr.syntax", f"unexpected character {text[position]!r}", position)
+        kind = match.lastgroup or ""
+        if kind != "space":
+            tokens.append(_Token(kind, match.group(), position))
+        position = match.end()
+    tokens.append(_Token("end", "", len(text)))
+    return tokens
+
+
+# ---------------------------------------------------------------- parser
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.index = 0
+        self.depth = 0
+
+    @property
+    def token(self) -> _Token:
+        return self.tokens[self.index]
+
+    def advance(self) -> _Token:
+        token = self.tokens[self.index]
+        self.index += 1
+        return token
+
+    def expect(self, text: str) -> None:
+        if self.token.text != text:
+            found = self.token.text or "the end"
+            raise ExpressionError("expr.syntax", f"expected {text!r}, found {found!r}", self.token.offset)
+        self.advance()
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ExpressionError("expr.too_deep", f"nested deeper than {MAX_DEPTH}", self.token.offset)
+
+    def parse(self) -> Node:
+        node = self.disjunction()
+        if self.token.kind != "end":
+            raise ExpressionError("expr.syntax", f"unexpected {self.token.text!r}", self.token.offset)
+        return node
+
+    def disjunction(self) -> Node:
+        operands = [self.conjunction()]
+        while self.token.kind == "name" and self.token.text == "or":
+            self.advance()
+            operands.append(self.conjunction())
+        return operands[0] if len(operands) == 1 else Logic("or", tuple(operands))
+
+    def conjunction(self) -> Node:
+        operands = [self.negation()]
+        while self.token.kind == "name" and self.token.text == "and":
+            self.advance()
+            operands.append(self.negation())
+        return operands[0] if len(operands) == 1 else Logic("and", tuple(operands))
+
+    def negation(self) -> Node:
+        if self.token.kind == "name" and self.token.text == "not":
+            self.advance()
+            self.enter()
+            node = Not(self.negation())
+            self.depth -= 1
+            return node
+        return self.comparison()
+
+    def comparison(self) -> Node:
+        left = self.additive()
+        if self.token.text in COMPARISONS:
+            op = self.advance().text
+            right = self.additive()
+            if self.token.text in COMPARISONS:
+                raise ExpressionError("expr.syntax", "comparisons cannot be chained; use 'and'", self.token.offset)
+            return Compare(op, left, right)
+        return left
+
+    def additive(self) -> Node:
+        node = self.multiplicative()
+        while self.token.text in ("+", "-"):
+            op = self.advance().text
+            node = Arith(op, node, self.multiplicative())
+        return node
+
+    def multiplicative(self) -> Node:
+        node = self.unary()
+        while self.token.text in ("*", "/"):
+            op = self.advance().text
+            node = Arith(op, node, self.unary())
+        return node
+
+    def unary(self) -> Node:
+        if self.token.text == "-":
+            self.advance()
+            self.enter()
+            node = Neg(self.unary())
+            self.depth -= 1
+            return node
+        if self.token.text == "+":
+            self.advance()
+            return self.unary()
+        return self.atom()
+
+    def atom(self) -> Node:
+        token = self.advance()
+        if token.kind == "number":
+            try:
+                value = parse_decimal(token.text.replace(" ", ""), allow_percent=True)
+            except DecimalTextError as exc:
+                raise ExpressionError("expr.bad_number", str(exc), token.offset) from exc
+            return Num(value, token.text.replace(" ", ""))
+        if token.kind == "string":
+            return Str(token.text[1:-1])
+        if token.kind == "name":
+            if token.text in ("true", "false"):
+                return Bool(token.text == "true")
+            if token.text in ("and", "or", "not"):
+                raise ExpressionError("expr.syntax", f"unexpected {token.text!r}", token.offset)
+            if self.token.text == "(":
+                return self.call(token)
+            return Name(token.text, token.offset)
+        if token.text == "(":
+            self.enter()
+            node = self.disjunction()
+            self.expect(")")
+            self.depth -= 1
+            return node
+        found = token.text or "the end"
+        raise ExpressionError("expr.syntax", f"expected a value, found {found!r}", token.offset)
+
+    def call(self, name: _Token) -> Node:
+        if name.text not in FUNCTIONS:
+            raise ExpressionError("expr.unknown_function", f"{name.text}() is not a function; use min, max or abs", name.offset)
+        self.advance()  # (
+        self.enter()
+        args = [self.disjunction()]
+        while self.token.text == ",":
+            self.advance()
+            args.append(self.disjunction())
+        self.expect(")")
+        self.depth -= 1
+        if name.text == "abs" and len(args) != 1:
+            raise ExpressionError("expr.arity", "abs() takes exactly one argument", name.offset)
+        return Call(name.text, tuple(args), name.offset)
+
+
+def parse(text: str) -> Node:
+    """Parse an expression. Raises ExpressionError with a stable code and an offset."""
+    if not isinstance(text, str):
+        raise ExpressionError("expr.not_text", "an expression must be text")
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError("expr.too_long", f"{len(text)} characters; at most {MAX_LENGTH}")
+    if not text.strip():
+        raise ExpressionError("expr.empty", "the expression is empty")
+    tree = _Parser(text).parse()
+    if depth(tree) > MAX_DEPTH:
+        raise ExpressionError("expr.too_deep", f"nested deeper than {MAX_DEPTH} operations")
+    return tree
+
+
+def depth(node: Node) -> int:
+    """Height of the tree; bounded so that every later recursive walk is shallow."""
+    kids = children(node)
+    return 1 + max((depth(k) for k in kids), default=0)
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def names(node: Node) -> list[tuple[str, int]]:
+    """Every name the expression refers to, with its offset, in order of appearance."""
+    found: list[tuple[str, int]] = []
+
+    def visit(n: Node) -> None:
+        if isinstance(n, Name):
+            found.append((n.name, n.offset))
+        for child in children(n):
+            visit(child)
+
+    visit(node)
+    return found
+
+
+def children(node: Node) -> tuple[Node, ...]:
+    if isinstance(node, (Neg, Not)):
+        return (node.operand,)
+    if isinstance(node, (Arith, Compare)):
+        return (node.left, node.right)
+    if isinstance(node, Logic):
+        return node.operands
+    if isinstance(node, Call):
+        return node.args
+    return ()
+
+
+def source_text(node: Node) -> str:
+    """Re-print a node in normal form (used for evidence and for de-duplicating probes)."""
+    if isinstance(node, Num):
+        return node.text
+    if isinstance(node, Str):
+        return f"'{node.value}'"
+    if isinstance(node, Bool):
+        return "true" if node.value else "false"
+    if isinstance(node, Name):
+        return node.name
+    if isinstance(node, Neg):
+        return f"-{_wrapped(node.operand)}"
+    if isinstance(node, Not):
+        return f"not {_wrapped(node.operand)}"
+    if isinstance(node, (Arith, Compare)):
+        return f"{_wrapped(node.left)} {node.op} {_wrapped(node.right)}"
+    if isinstance(node, Logic):
+        return f" {node.op} ".join(_wrapped(o) for o in node.operands)
+    return f"{node.function}({', '.join(source_text(a) for a in node.args)})"
+
+
+def _wrapped(node: Node) -> str:
+    text = source_text(node)
+    return f"({text})" if isinstance(node, (Arith, Compare, Logic, Neg, Not)) else text
+
+
+def type_of(node: Node, name_types: Mapping[str, Type]) -> Type:
+    """Check types; every name must be in `name_types`. Raises ExpressionError."""
+    if isinstance(node, Num):
+        return Type.NUMBER
+    if isinstance(node, Str):
+        return Type.STRING
+    if isinstance(node, Bool):
+        return Type.BOOL
+    if isinstance(node, Name):
+        if node.name not in name_types:
+            raise ExpressionError("expr.unknown_name", f"unknown name {node.name!r}", node.offset)
+        return name_types[node.name]
+    if isinstance(node, Neg):
+        _want(node.operand, Type.NUMBER, name_types, "'-'")
+        return Type.NUMBER
+    if isinstance(node, Not):
+        _want(node.operand, Type.BOOL, name_types, "'not'")
+        return Type.BOOL
+    if isinstance(node, Arith):
+        _want(node.left, Type.NUMBER, name_types, f"'{node.op}'")
+        _want(node.right, Type.NUMBER, name_types, f"'{node.op}'")
+        return Type.NUMBER
+    if isinstance(node, Compare):
+        left, right = type_of(node.left, name_types), type_of(node.right, name_types)
+        if left is Type.BOOL or right is Type.BOOL:
+            raise ExpressionError("expr.type", f"'{node.op}' compares numbers or market codes, not conditions")
+        if left != right:
+            raise ExpressionError("expr.type", f"'{node.op}' compares a {left.value} with a {right.value}")
+        if left is Type.STRING and node.op not in ("==", "!="):
+            raise ExpressionError("expr.type", f"market codes compare only with == and !=, not {node.op!r}")
+        return Type.BOOL
+    if isinstance(node, Logic):
+        for operand in node.operands:
+            _want(operand, Type.BOOL, name_types, f"'{node.op}'")
+        return Type.BOOL
+    for arg in node.args:
+        _want(arg, Type.NUMBER, name_types, f"{node.function}()")
+    return Type.NUMBER
+
+
+def _want(node: Node, wanted: Type, name_types: Mapping[str, Type], where: str) -> None:
+    found = type_of(node, name_types)
+    if found is not wanted:
+        raise ExpressionError("expr.type", f"{where} needs a {wanted.value}, got a {found.value}: {source_text(node)!r}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+Evaluator = Callable[[Env], Scalar]
+
+
+def compile_node(node: Node) -> Evaluator:
+    """Turn a checked tree into a closure over the exact arithmetic context."""
+    ctx = ARITHMETIC
+    if isinstance(node, Num):
+        num = node.value
+        return lambda env: num
+    if isinstance(node, Str):
+        text = node.value
+        return lambda env: text
+    if isinstance(node, Bool):
+        flag = node.value
+        return lambda env: flag
+    if isinstance(node, Name):
+        key = node.name
+        return lambda env: env[key]
+    if isinstance(node, Neg):
+        inner = compile_node(node.operand)
+        return lambda env: ctx.minus(inner(env))  # type: ignore[arg-type]
+    if isinstance(node, Not):
+        inner = compile_node(node.operand)
+        return lambda env: not inner(env)
+    if isinstance(node, Arith):
+        left, right = compile_node(node.left), compile_node(node.right)
+        if node.op == "+":
+            return lambda env: ctx.add(left(env), right(env))  # type: ignore[arg-type]
+        if node.op == "-":
+            return lambda env: ctx.subtract(left(env), right(env))  # type: ignore[arg-type]
+        if node.op == "*":
+            return lambda env: ctx.multiply(left(env), right(env))  # type: ignore[arg-type]
+        text = source_text(node)
+
+        def divide(env: Env) -> Scalar:
+            divisor = right(env)
+            if not divisor:
+                raise ZeroDivision(text)
+            return ctx.divide(left(env), divisor)  # type: ignore[arg-type]
+
+        return divide
+    if isinstance(node, Compare):
+        left, right = compile_node(node.left), compile_node(node.right)
+        return _COMPARATORS[node.op](left, right)
+    if isinstance(node, Logic):
+        parts = tuple(compile_node(o) for o in node.operands)
+        if node.op == "and":
+            return lambda env: all(p(env) for p in parts)
+        return lambda env: any(p(env) for p in parts)
+    args = tuple(compile_node(a) for a in node.args)
+    if node.function == "abs":
+        only = args[0]
+        return lambda env: ctx.abs(only(env))  # type: ignore[arg-type]
+    if node.function == "min":
+        return lambda env: min(a(env) for a in args)  # type: ignore[type-var]
+    return lambda env: max(a(env) for a in args)  # type: ignore[type-var]
+
+
+def _comparator(test: Callable[[Scalar, Scalar], bool]) -> Callable[[Evaluator, Evaluator], Evaluator]:
+    return lambda left, right: lambda env: test(left(env), right(env))
+
+
+_COMPARATORS: dict[str, Callable[[Evaluator, Evaluator], Evaluator]] = {
+    "<": _comparator(lambda a, b: a < b),  # type: ignore[operator]
+    "<=": _comparator(lambda a, b: a <= b),  # type: ignore[operator]
+    ">": _comparator(lambda a, b: a > b),  # type: ignore[operator]
+    ">=": _comparator(lambda a, b: a >= b),  # type: ignore[operator]
+    "==": _comparator(lambda a, b: a == b),
+    "!=": _comparator(lambda a, b: a != b),
+}
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A parsed, type-checked expression with its compiled evaluator."""
+
+    text: str
+    tree: Node
+    type: Type
+    evaluate: Evaluator
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in names(self.tree)]
+
+
+def compile_expression(text: str, name_types: Mapping[str, Type], want: Type | None = None) -> Expression:
+    tree = parse(text)
+    found = type_of(tree, name_types)
+    if want is not None and found is not want:
+        raise ExpressionError("expr.type", f"expected a {want.value} expression, got a {found.value}")
+    return Expression(text, tree, found, compile_node(tree))
+
+
+# ---------------------------------------------------------------- evidence
+
+
+Explainer = Callable[[Env], str]
+
+
+def compile_evidence(node: Node) -> Explainer:
+    """Evidence for a condition with the values it saw, e.g. `acos 0.3100 > 0.2800`.
+
+    Values are shown with at least 4 decimals (more if the literal has more), rounded
+    half-even for display only; the decision itself never uses this text.
+    """
+    if isinstance(node, Compare):
+        left, right = compile_node(node.left), compile_node(node.right)
+        left_node, right_node, op = node.left, node.right, node.op
+
+        def compare(env: Env) -> str:
+            a, b = left(env), right(env)
+            places = _display_places(left_node, right_node, a, b)
+            return f"{_described(left_node, a, places)} {op} {_described(right_node, b, places)}"
+
+        return compare
+    if isinstance(node, Logic):
+        parts = tuple((compile_evidence(o), isinstance(o, Logic)) for o in node.operands)
+        joiner = f" {node.op} "
+        return lambda env: joiner.join(f"({p(env)})" if nested else p(env) for p, nested in parts)
+    if isinstance(node, Not):
+        inner = compile_evidence(node.operand)
+        return lambda env: f"not ({inner(env)})"
+    value_of, text = compile_node(node), source_text(node)
+
+    def value(env: Env) -> str:
+        v = value_of(env)
+        return f"{text} {('true' if v else 'false') if isinstance(v, bool) else v}"
+
+    return value
+
+
+def _display_places(left_node: Node, right_node: Node, left: Scalar, right: Scalar) -> int:
+    values = [v for v in (left, right) if isinstance(v, Decimal)]
+    if all(v == v.to_integral_value() for v in values) and all(
+        not isinstance(n, Num) or n.value.as_tuple().exponent == 0
+        for n in (left_node, right_node)  # type: ignore[comparison-overlap]
+    ):
+        return 0
+    literal_places = [-int(n.value.as_tuple().exponent) for n in (left_node, right_node) if isinstance(n, Num)]
+    return max([4, *literal_places])
+
+
+def _described(node: Node, value: Scalar, places: int) -> str:
+    if isinstance(value, Decimal):
+        shown = plain(value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=ARITHMETIC))
+    else:
+        shown = str(value)
+    if isinstance(node, (Num, Str)):
+        return shown
+    return f"{source_text(node)} {shown}"

@@ -1,0 +1,398 @@
+"""Computing one settlement in the normative order of SPEC §4."""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
+from engine.expressions import Env, Explainer, Scalar, ZeroDivision
+from engine.model import Fee, FeeKind, Input, Payout, Period, TierMode, ValueType
+from engine.money import ARITHMETIC, DecimalTextError, Rounding, is_currency, parse_decimal, round_to_currency
+from engine.problems import Problem, RequestInvalid
+from engine.request import MoneyAmount, SettlementRequest
+from engine.version import ENGINE_VERSION
+
+if TYPE_CHECKING:
+    from engine.compiler import CompiledRuleset
+
+ZERO = Decimal(0)
+ONE = Decimal(1)
+MAX_NAME_COUNT = 500
+ctx = ARITHMETIC
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A rule's name, kind and its precompiled evidence writer."""
+
+    rule: str
+    kind: str
+    explain: Explainer
+
+
+def period_bounds(start: datetime.date, period: Period) -> tuple[datetime.date, datetime.date] | None:
+    """First and last day of the period starting at `start`, or None if misaligned."""
+    if start.day != 1 or (period is Period.QUARTER and start.month % 3 != 1):
+        return None
+    months = 3 if period is Period.QUARTER else 1
+    end_month = start.month + months - 1
+    last_day = calendar.monthrange(start.year, end_month)[1]
+    return start, datetime.date(start.year, end_month, last_day)
+
+
+def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
+    ruleset = compiled.ruleset
+    problems: list[Problem] = []
+    # 1. the request
+    if request.market not in ruleset.markets:
+        problems.append(
+            Problem("request.market", "market", f"{request.market!r} is not a market of this ruleset ({', '.join(ruleset.markets)})")
+        )
+    bounds = period_bounds(request.period_start, ruleset.period)
+    if bounds is None:
+        problems.append(
+            Problem("request.period", "period_start", f"{request.period_start} is not the first day of a {ruleset.period.value}")
+        )
+        period_days = 30
+    else:
+        period_days = (bounds[1] - bounds[0]).days + 1
+    active_days = period_days if request.active_days is None else request.active_days
+    if isinstance(active_days, bool) or not isinstance(active_days, int) or not 0 <= active_days <= period_days:
+        problems.append(Problem("request.active_days", "active_days", f"{request.active_days!r} is not between 0 and {period_days}"))
+        active_days = period_days
+    env: dict[str, Scalar] = {"market": request.market, "period_days": Decimal(period_days), "active_days": Decimal(active_days)}
+    fx_used: list[FxUsed] = []
+    _read_inputs(ruleset.metrics, request.metrics, "metrics", env, problems, compiled, request, fx_used)
+    _read_inputs(ruleset.params, request.params, "params", env, problems, compiled, request, fx_used)
+    if problems:
+        raise RequestInvalid(problems)
+    assert bounds is not None
+
+    # 3. exemptions, decided by the matcher over metrics and params
+    applied = _decide(compiled.exemption_matcher.decide, env, "exemptions")
+    exemptions = tuple(
+        ExemptionOutcome(e.name, e.name in applied, compiled.explainers[e.name](env), e.label.en, e.label.zh) for e in ruleset.exemptions
+    )
+    # 4. target proration
+    days = ZERO
+    for exemption in ruleset.exemptions:
+        if exemption.name in applied and exemption.prorate_by is not None:
+            days = ctx.add(days, _number(exemption.prorate_by.evaluate, env, f"exemptions.{exemption.name}.prorate_targets_by"))
+    factor = ONE
+    if days:
+        days = max(ZERO, min(days, Decimal(period_days)))
+        factor = ctx.divide(ctx.subtract(Decimal(period_days), days), Decimal(period_days))
+        for param in ruleset.params:
+            if param.target:
+                env[param.name] = ctx.multiply(env[param.name], factor)  # type: ignore[arg-type]
+    for exemption in ruleset.exemptions:
+        env[exemption.name] = exemption.name in applied
+    # 5. KPIs in order
+    for kpi in ruleset.kpis:
+        try:
+            env[kpi.name] = kpi.formula.evaluate(env)
+        except ZeroDivision as exc:
+            if kpi.on_zero_division is None:
+                raise RequestInvalid(
+                    [Problem("kpi.division_by_zero", f"kpis.{kpi.name}", f"{exc}; the KPI declares no on_zero_division")]
+                ) from exc
+            env[kpi.name] = kpi.on_zero_division
+    # 6. every condition, decided by the matcher
+    fired = _decide(compiled.condition_matcher.decide, env, "conditions")
+    rules = tuple(RuleOutcome(r.rule, r.kind, r.rule in fired, r.explain(env)) for r in compiled.rules)
+    # 7. fee lines
+    lines: list[Line] = []
+    penalty_ids: list[str] = []
+    for fee in ruleset.fees:
+        line = _fee_line(fee, env, fired, applied, active_days, period_days)
+        env[fee.id] = line.exact
+        lines.append(line)
+        if fee.kind is FeeKind.PENALTY:
+            penalty_ids.append(fee.id)
+    places, rounding = ruleset.minor_units, ruleset.rounding
+    # 8. market multiplier
+    multiplier = ruleset.markets[request.market]
+    if multiplier != ONE and ruleset.multiply:
+        base = ZERO
+        for line in lines:
+            if line.id in ruleset.multiply:
+                base = ctx.add(base, line.exact)
+        rate = ctx.subtract(multiplier, ONE)
+        lines.append(
+            _adjustment(
+                "market_multiplier",
+                "Market multiplier",
+                "市场系数",
+                ctx.multiply(rate, base),
+                base,
+                rate,
+                f"({multiplier} - 1) × ({' + '.join(ruleset.multiply)})",
+            )
+        )
+    # 10. rounding, line by line (caps and floors below are computed on rounded lines)
+    lines = [_rounded(line, places, rounding) for line in lines]
+    # 9. caps and floors
+    cap = ruleset.penalty_cap
+    if cap is not None and penalty_ids:
+        if cap.max is not None:
+            limit = cap.max
+        else:
+            assert cap.max_rate is not None and cap.of is not None
+            limit = ctx.multiply(cap.max_rate, _number(cap.of.evaluate, env, "caps.penalties.of"))
+        limit = round_to_currency(max(limit, ZERO), places, rounding)
+        penalties = -sum((ln.amount for ln in lines if ln.id in penalty_ids), ZERO)
+        if penalties > limit:
+            excess = ctx.subtract(penalties, limit)
+            lines.append(
+                _adjustment(
+                    "penalty_cap",
+                    "Penalty cap",
+                    "罚款上限",
+                    round_to_currency(excess, places, rounding),
+                    penalties,
+                    None,
+                    f"penalties {penalties} above the cap {limit}",
+                )
+            )
+    limits = ruleset.total_limits
+    if limits is not None:
+        subtotal = sum((ln.amount for ln in lines), ZERO)
+        if limits.min is not None and subtotal < limits.min:
+            lines.append(
+                _adjustment(
+                    "total_floor",
+                    "Minimum fee",
+                    "最低费用",
+                    round_to_currency(ctx.subtract(limits.min, subtotal), places, rounding),
+                    subtotal,
+                    None,
+                    f"total {subtotal} below the floor {limits.min}",
+                )
+            )
+        elif limits.max is not None and subtotal > limits.max:
+            lines.append(
+                _adjustment(
+                    "total_cap",
+                    "Maximum fee",
+                    "最高费用",
+                    round_to_currency(ctx.subtract(limits.max, subtotal), places, rounding),
+                    subtotal,
+                    None,
+                    f"total {subtotal} above the cap {limits.max}",
+                )
+            )
+    total = sum((ln.amount for ln in lines), ZERO)
+    # 11. warnings
+    warnings = tuple(
+        RaisedWarning(w.id, w.message.en, w.message.zh, compiled.explainers[w.id](env)) for w in ruleset.warnings if w.id in fired
+    )
+    return Decision(
+        ruleset_id=ruleset.id,
+        ruleset_version=compiled.version,
+        content_hash=compiled.content_hash,
+        engine_version=ENGINE_VERSION,
+        currency=ruleset.currency,
+        rounding=ruleset.rounding.value,
+        market=request.market,
+        period_start=bounds[0].isoformat(),
+        period_end=bounds[1].isoformat(),
+        period_days=period_days,
+        active_days=active_days,
+        inputs=request.as_given(),
+        fx_rates=tuple(fx_used),
+        exemptions=exemptions,
+        target_factor=factor,
+        params=tuple((p.name, env[p.name]) for p in ruleset.params),  # type: ignore[misc]
+        kpis=tuple((k.name, env[k.name]) for k in ruleset.kpis),  # type: ignore[misc]
+        rules=rules,
+        lines=tuple(lines),
+        total=total,
+        warnings=warnings,
+    )
+
+
+def _decide(decide: Callable[[Env], set[str]], env: Env, what: str) -> set[str]:
+    try:
+        return decide(env)
+    except ZeroDivision as exc:
+        raise RequestInvalid([Problem("expr.division_by_zero", what, str(exc))]) from exc
+
+
+def _number(evaluate: Callable[[Env], Scalar], env: Env, path: str) -> Decimal:
+    try:
+        value = evaluate(env)
+    except ZeroDivision as exc:
+        raise RequestInvalid([Problem("expr.division_by_zero", path, str(exc))]) from exc
+    assert isinstance(value, Decimal)
+    return value
+
+
+def _read_inputs(
+    declared: tuple[Input, ...],
+    given: object,
+    section: str,
+    env: dict[str, Scalar],
+    problems: list[Problem],
+    compiled: CompiledRuleset,
+    request: SettlementRequest,
+    fx_used: list[FxUsed],
+) -> None:
+    if not hasattr(given, "items"):
+        problems.append(Problem("request.type", section, f"{section} must be a mapping of names to decimal text"))
+        return
+    values = dict(given.items())  # type: ignore[attr-defined]
+    if len(values) > MAX_NAME_COUNT:
+        problems.append(Problem("request.too_many", section, f"{len(values)} entries; at most {MAX_NAME_COUNT}"))
+        return
+    known = {i.name for i in declared}
+    for name in values:
+        if name not in known:
+            shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}…"
+            problems.append(Problem("request.unknown_name", f"{section}.{shown}", f"{shown!r} is not a {section[:-1]} of this ruleset"))
+    currency = compiled.ruleset.currency
+    for item in declared:
+        path = f"{section}.{item.name}"
+        if item.name not in values:
+            if item.default is None:
+                problems.append(Problem("request.missing", path, f"{item.name!r} is required"))
+            else:
+                env[item.name] = item.default
+            continue
+        raw = values[item.name]
+        if isinstance(raw, MoneyAmount):
+            if item.type is not ValueType.MONEY:
+                problems.append(Problem("request.type", path, "only money may carry a currency"))
+                continue
+            value = _parse(raw.amount, item, path, problems)
+            if value is None:
+                continue
+            if raw.currency != currency:
+                converted = _convert(value, raw.currency, currency, request, path, problems, item.name)
+                if converted is None:
+                    continue
+                fx_used.append(converted)
+                value = converted.converted
+            env[item.name] = value
+            continue
+        value = _parse(raw, item, path, problems)
+        if value is not None:
+            env[item.name] = value
+
+
+def _parse(raw: object, item: Input, path: str, problems: list[Problem]) -> Decimal | None:
+    try:
+        value = parse_decimal(raw, allow_percent=item.type is ValueType.RATIO)
+    except DecimalTextError as exc:
+        problems.append(Problem("request.number", path, str(exc)))
+        return None
+    if item.type is ValueType.COUNT and (value < 0 or value != value.to_integral_value()):
+        problems.append(Problem("request.count", path, f"{raw} is not a non-negative whole number"))
+        return None
+    return value
+
+
+def _convert(
+    value: Decimal, source: str, target: str, request: SettlementRequest, path: str, problems: list[Problem], metric: str
+) -> FxUsed | None:
+    if not is_currency(source):
+        problems.append(Problem("request.currency", path, f"{source!r} is not an ISO 4217 currency code"))
+        return None
+    for rate in request.fx_rates:
+        if rate.base == source and rate.quote == target:
+            try:
+                factor = parse_decimal(rate.rate)
+            except DecimalTextError as exc:
+                problems.append(Problem("request.fx_rate", "fx_rates", str(exc)))
+                return None
+            if factor <= 0:
+                problems.append(Problem("request.fx_rate", "fx_rates", f"{source}/{target} rate {rate.rate} must be positive"))
+                return None
+            return FxUsed(metric, source, target, factor, rate.source, rate.as_of, value, ctx.multiply(value, factor))
+    problems.append(
+        Problem(
+            "request.fx_missing",
+            path,
+            f"{metric} is in {source}; the request needs a {source}→{target} rate (base {source}, quote {target})",
+        )
+    )
+    return None
+
+
+def _fee_line(fee: Fee, env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> Line:
+    path = f"fees.{fee.id}"
+
+    def line(
+        detail: str, exact: Decimal, basis: Decimal | None = None, rate: Decimal | None = None, waived_by: tuple[str, ...] = ()
+    ) -> Line:
+        return Line(fee.id, fee.kind.value, fee.label.en, fee.label.zh, basis, rate, detail, exact, ZERO, waived_by)
+
+    kind = fee.kind
+    if kind is FeeKind.FIXED:
+        assert fee.amount is not None
+        amount = _number(fee.amount.evaluate, env, path)
+        if not fee.prorate:
+            return line(f"{amount}", amount)
+        share = ctx.divide(Decimal(active_days), Decimal(period_days))
+        return line(f"{amount} × {active_days}/{period_days} active days", ctx.multiply(amount, share), amount, share)
+    if kind is FeeKind.PERCENTAGE:
+        assert fee.basis is not None and fee.rate is not None
+        basis = _number(fee.basis.evaluate, env, path)
+        return line(f"{basis} × {fee.rate}", ctx.multiply(basis, fee.rate), basis, fee.rate)
+    if kind is FeeKind.TIERED:
+        assert fee.basis is not None
+        basis = _number(fee.basis.evaluate, env, path)
+        if fee.mode is TierMode.VOLUME:
+            tier = next(t for t in fee.tiers if t.upper is None or basis < t.upper)
+            rate = tier.rate if basis > 0 else ZERO
+            return line(f"{basis} × {rate} (volume tier from {tier.lower})", ctx.multiply(max(basis, ZERO), rate), basis, rate)
+        total, parts = ZERO, []
+        for tier in fee.tiers:
+            top = basis if tier.upper is None else min(basis, tier.upper)
+            width = ctx.subtract(top, tier.lower)
+            if width <= 0:
+                break
+            total = ctx.add(total, ctx.multiply(width, tier.rate))
+            parts.append(f"{width} × {tier.rate}")
+        return line(" + ".join(parts) or "0", total, basis)
+    if kind is FeeKind.BONUS and fee.steps_on is not None:
+        reached = [s for s in fee.steps if s.rule in fired]
+        if not reached:
+            return line("no step reached", ZERO)
+        step = max(reached, key=lambda s: s.threshold)
+        basis_of, rate_of, amount = _payout(step.payout, env, path)
+        return line(f"step from {step.threshold}: {_payout_text(basis_of, rate_of, amount)}", amount, basis_of, rate_of)
+    if fee.id not in fired:
+        return line("condition not met", ZERO)
+    basis_of, rate_of, amount = _payout(fee.payout, env, path)
+    text = _payout_text(basis_of, rate_of, amount)
+    if kind is FeeKind.PENALTY:
+        waived_by = tuple(name for name in fee.exempt_by if name in applied)
+        if waived_by:
+            return line(f"waived ({text})", ZERO, basis_of, rate_of, waived_by)
+        return line(f"-({text})", ctx.minus(amount), basis_of, rate_of)
+    return line(text, amount, basis_of, rate_of)
+
+
+def _payout(payout: Payout, env: Env, path: str) -> tuple[Decimal | None, Decimal | None, Decimal]:
+    if payout.amount is not None:
+        return None, None, _number(payout.amount.evaluate, env, path)
+    assert payout.rate is not None and payout.of is not None
+    basis = _number(payout.of.evaluate, env, path)
+    return basis, payout.rate, ctx.multiply(basis, payout.rate)
+
+
+def _payout_text(basis: Decimal | None, rate: Decimal | None, amount: Decimal) -> str:
+    return f"{basis} × {rate}" if basis is not None else f"{amount}"
+
+
+def _adjustment(line_id: str, en: str, zh: str, exact: Decimal, basis: Decimal | None, rate: Decimal | None, detail: str) -> Line:
+    return Line(line_id, "adjustment", en, zh, basis, rate, detail, exact, exact)
+
+
+def _rounded(line: Line, places: int, rounding: Rounding) -> Line:
+    return replace(line, amount=round_to_currency(line.exact, places, rounding))
