@@ -32,6 +32,7 @@ class CompiledRuleset:
     rules: tuple[Explained, ...]
     explainers: dict[str, Explainer]
     document: SourceDocument
+    input_names: dict[str, frozenset[str]]
     _closed: bool = field(default=False, repr=False)
     _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -82,18 +83,20 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
     exemption_rules: list[tuple[str, Condition]] = [(e.name, e.condition) for e in ruleset.exemptions]
     condition_rules: list[tuple[str, Condition]] = []
     explained: list[Explained] = []
-    explainers: dict[str, Explainer] = {e.name: compile_evidence(e.when.tree) for e in ruleset.exemptions}
+    explainers: dict[str, Explainer] = {e.name: compile_evidence(e.when.tree, integral) for e in ruleset.exemptions}
     for fee in ruleset.fees:
         if fee.kind is FeeKind.BONUS and fee.steps_on is not None:
             for step in fee.steps:
                 condition_rules.append((step.rule, step.condition))
-                explained.append(Explained(step.rule, "bonus_step", compile_evidence(_step_tree(fee.steps_on.tree, step.threshold))))
+                explained.append(
+                    Explained(step.rule, "bonus_step", compile_evidence(_step_tree(fee.steps_on.tree, step.threshold), integral))
+                )
         elif fee.condition is not None and fee.when is not None:
             condition_rules.append((fee.id, fee.condition))
-            explained.append(Explained(fee.id, fee.kind.value, compile_evidence(fee.when.tree)))
+            explained.append(Explained(fee.id, fee.kind.value, compile_evidence(fee.when.tree, integral)))
     for warning in ruleset.warnings:
         condition_rules.append((warning.id, warning.condition))
-        explainer = compile_evidence(warning.when.tree)
+        explainer = compile_evidence(warning.when.tree, integral)
         explainers[warning.id] = explainer
         explained.append(Explained(warning.id, "warning", explainer))
     try:
@@ -111,6 +114,10 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         rules=tuple(explained),
         explainers=explainers,
         document=document,
+        input_names={
+            "metrics": frozenset(m.name for m in ruleset.metrics),
+            "params": frozenset(p.name for p in ruleset.params),
+        },
     )
 
 

@@ -1,17 +1,20 @@
-"""The settlement decision: immutable, complete (SPEC §5, the engine's part), canonical JSON."""
+"""The settlement decision: immutable, complete (SPEC §5, the engine's part), canonical JSON.
+
+Parts are NamedTuples (immutable and cheap to build: a decision has dozens of them).
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
+
+import orjson
 
 from engine.money import plain
 
 
-@dataclass(frozen=True, slots=True)
-class FxUsed:
+class FxUsed(NamedTuple):
     metric: str
     base: str
     quote: str
@@ -22,8 +25,7 @@ class FxUsed:
     converted: Decimal  # in the settlement currency, full precision
 
 
-@dataclass(frozen=True, slots=True)
-class ExemptionOutcome:
+class ExemptionOutcome(NamedTuple):
     name: str
     applied: bool
     evidence: str
@@ -31,30 +33,26 @@ class ExemptionOutcome:
     label_zh: str
 
 
-@dataclass(frozen=True, slots=True)
-class RuleOutcome:
+class RuleOutcome(NamedTuple):
     rule: str  # exemption name, fee id, `fee.steps[i]`, or warning id
     kind: str  # exemption | bonus_step | bonus | penalty | warning
     fired: bool
     evidence: str
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
+class Line(NamedTuple):
     id: str
     kind: str  # fixed | percentage | tiered | bonus | penalty | adjustment
     label_en: str
     label_zh: str
     basis: Decimal | None
     rate: Decimal | None
-    detail: str  # how the exact amount came about
     exact: Decimal  # before rounding
     amount: Decimal  # rounded to the currency's minor units
     waived_by: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class RaisedWarning:
+class RaisedWarning(NamedTuple):
     id: str
     message_en: str
     message_zh: str
@@ -129,7 +127,6 @@ class Decision:
                     "label": {"en": ln.label_en, "zh": ln.label_zh},
                     "basis": None if ln.basis is None else plain(ln.basis),
                     "rate": None if ln.rate is None else plain(ln.rate),
-                    "detail": ln.detail,
                     "exact": plain(ln.exact),
                     "amount": plain(ln.amount),
                     "waived_by": list(ln.waived_by),
@@ -146,4 +143,9 @@ class Decision:
 
 
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Sorted keys, no insignificant whitespace, UTF-8, strings/ints/booleans/null only.
+
+    orjson writes the same bytes as `json.dumps(value, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)` for these types (a test holds it to that), several times faster.
+    """
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

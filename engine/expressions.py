@@ -8,7 +8,7 @@ the engine's exact context, so evaluating it per settlement costs a few calls.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
@@ -512,28 +512,24 @@ def compile_expression(text: str, name_types: Mapping[str, Type], want: Type | N
 Explainer = Callable[[Env], str]
 
 
-def compile_evidence(node: Node) -> Explainer:
+def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
     """Evidence for a condition with the values it saw, e.g. `acos 0.3100 > 0.2800`.
 
-    Values are shown with at least 4 decimals (more if the literal has more), rounded
-    half-even for display only; the decision itself never uses this text.
+    Numbers show at least 4 decimals (more if a literal has more; none when both sides
+    are whole by type), rounded half-even for display only: the decision never reads
+    this text. Everything static is prepared here so that a call only formats values.
     """
     if isinstance(node, Compare):
-        left, right = compile_node(node.left), compile_node(node.right)
-        left_node, right_node, op = node.left, node.right, node.op
-
-        def compare(env: Env) -> str:
-            a, b = left(env), right(env)
-            places = _display_places(left_node, right_node, a, b)
-            return f"{_described(left_node, a, places)} {op} {_described(right_node, b, places)}"
-
-        return compare
+        places = 0 if is_integral(node.left, integral) and is_integral(node.right, integral) else _literal_places(node)
+        left, right = _side(node.left, places), _side(node.right, places)
+        op = node.op
+        return lambda env: f"{left(env)} {op} {right(env)}"
     if isinstance(node, Logic):
-        parts = tuple((compile_evidence(o), isinstance(o, Logic)) for o in node.operands)
+        parts = tuple((compile_evidence(o, integral), isinstance(o, Logic)) for o in node.operands)
         joiner = f" {node.op} "
         return lambda env: joiner.join(f"({p(env)})" if nested else p(env) for p, nested in parts)
     if isinstance(node, Not):
-        inner = compile_evidence(node.operand)
+        inner = compile_evidence(node.operand, integral)
         return lambda env: f"not ({inner(env)})"
     value_of, text = compile_node(node), source_text(node)
 
@@ -544,22 +540,40 @@ def compile_evidence(node: Node) -> Explainer:
     return value
 
 
-def _display_places(left_node: Node, right_node: Node, left: Scalar, right: Scalar) -> int:
-    values = [v for v in (left, right) if isinstance(v, Decimal)]
-    if all(v == v.to_integral_value() for v in values) and all(
-        not isinstance(n, Num) or n.value.as_tuple().exponent == 0
-        for n in (left_node, right_node)  # type: ignore[comparison-overlap]
-    ):
-        return 0
-    literal_places = [-int(n.value.as_tuple().exponent) for n in (left_node, right_node) if isinstance(n, Num)]
-    return max([4, *literal_places])
+def is_integral(node: Node, integral: Collection[str]) -> bool:
+    """True when the node's value is a whole number by its types alone."""
+    if isinstance(node, Num):
+        return node.value == node.value.to_integral_value()
+    if isinstance(node, Name):
+        return node.name in integral
+    if isinstance(node, Str):
+        return True
+    if isinstance(node, Arith) and node.op != "/":
+        return is_integral(node.left, integral) and is_integral(node.right, integral)
+    if isinstance(node, Neg):
+        return is_integral(node.operand, integral)
+    return False
 
 
-def _described(node: Node, value: Scalar, places: int) -> str:
-    if isinstance(value, Decimal):
-        shown = plain(value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=ARITHMETIC))
-    else:
-        shown = str(value)
-    if isinstance(node, (Num, Str)):
-        return shown
-    return f"{source_text(node)} {shown}"
+def _literal_places(node: Compare) -> int:
+    literals = [-int(n.value.as_tuple().exponent) for n in (node.left, node.right) if isinstance(n, Num)]
+    return max([4, *literals])
+
+
+def _side(node: Node, places: int) -> Explainer:
+    quantum = Decimal(1).scaleb(-places)
+    if isinstance(node, Num):
+        shown = plain(node.value.quantize(quantum, rounding=ROUND_HALF_EVEN, context=ARITHMETIC))
+        return lambda env: shown
+    if isinstance(node, Str):
+        quoted = node.value
+        return lambda env: quoted
+    value_of, prefix = compile_node(node), source_text(node) + " "
+
+    def side(env: Env) -> str:
+        value = value_of(env)
+        if isinstance(value, Decimal):
+            return prefix + plain(value.quantize(quantum, rounding=ROUND_HALF_EVEN, context=ARITHMETIC))
+        return prefix + str(value)
+
+    return side

@@ -23,6 +23,7 @@ MAX_INTEGER_DIGITS = 18
 MAX_FRACTION_DIGITS = 10
 
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+)(?:\.(\d+))?")
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,10})?")  # the common case, checked in one step
 
 #: Every exact computation runs in this context: 34 digits (decimal128), traps on.
 ARITHMETIC = Context(
@@ -51,6 +52,8 @@ class DecimalTextError(ValueError):
 
 def parse_decimal(text: object, *, allow_percent: bool = False) -> Decimal:
     """Read `12.50`, `-3`, or (if allowed) `28%` exactly. No exponent, NaN, Infinity, float."""
+    if type(text) is str and _PLAIN_DECIMAL.fullmatch(text):
+        return Decimal(text)
     if isinstance(text, bool) or not isinstance(text, str):
         raise DecimalTextError(f"expected a decimal written as text, got {_kind(text)}")
     body = text.strip()
@@ -106,12 +109,16 @@ def is_currency(code: object) -> bool:
     return True
 
 
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in range(5)}
+_MODES = {Rounding.HALF_UP: ROUND_HALF_UP, Rounding.HALF_EVEN: ROUND_HALF_EVEN}
+
+
 def round_to_currency(value: Decimal, places: int, rounding: Rounding) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-places), rounding=rounding.decimal_mode, context=ARITHMETIC)
+    """Round to `places` decimals with the ruleset's mode, always passed explicitly."""
+    return value.quantize(_QUANTA[places], rounding=_MODES[rounding], context=ARITHMETIC)
 
 
 def plain(value: Decimal) -> str:
     """Decimal text without exponent, exactly as computed (`1E+3` → `1000`)."""
-    if value.is_zero() and value.is_signed():
-        value = value.copy_abs()
-    return format(value, "f")
+    text = format(value, "f")
+    return text[1:] if text[0] == "-" and value.is_zero() else text

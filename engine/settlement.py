@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import calendar
 import datetime
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -108,13 +108,13 @@ def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     # 7. fee lines
     lines: list[Line] = []
     penalty_ids: list[str] = []
+    places, rounding = ruleset.minor_units, ruleset.rounding
     for fee in ruleset.fees:
-        line = _fee_line(fee, env, fired, applied, active_days, period_days)
+        line = _fee_line(fee, env, fired, applied, active_days, period_days, places, rounding)
         env[fee.id] = line.exact
         lines.append(line)
         if fee.kind is FeeKind.PENALTY:
             penalty_ids.append(fee.id)
-    places, rounding = ruleset.minor_units, ruleset.rounding
     # 8. market multiplier
     multiplier = ruleset.markets[request.market]
     if multiplier != ONE and ruleset.multiply:
@@ -123,19 +123,19 @@ def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
             if line.id in ruleset.multiply:
                 base = ctx.add(base, line.exact)
         rate = ctx.subtract(multiplier, ONE)
+        exact = ctx.multiply(rate, base)
         lines.append(
             _adjustment(
                 "market_multiplier",
                 "Market multiplier",
                 "市场系数",
-                ctx.multiply(rate, base),
+                exact,
+                round_to_currency(exact, places, rounding),
                 base,
                 rate,
-                f"({multiplier} - 1) × ({' + '.join(ruleset.multiply)})",
             )
         )
-    # 10. rounding, line by line (caps and floors below are computed on rounded lines)
-    lines = [_rounded(line, places, rounding) for line in lines]
+    # 10. every line above was rounded as it was made; caps and floors use rounded lines
     # 9. caps and floors
     cap = ruleset.penalty_cap
     if cap is not None and penalty_ids:
@@ -153,10 +153,10 @@ def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
                     "penalty_cap",
                     "Penalty cap",
                     "罚款上限",
+                    excess,
                     round_to_currency(excess, places, rounding),
                     penalties,
                     None,
-                    f"penalties {penalties} above the cap {limit}",
                 )
             )
     limits = ruleset.total_limits
@@ -168,10 +168,10 @@ def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
                     "total_floor",
                     "Minimum fee",
                     "最低费用",
+                    ctx.subtract(limits.min, subtotal),
                     round_to_currency(ctx.subtract(limits.min, subtotal), places, rounding),
                     subtotal,
                     None,
-                    f"total {subtotal} below the floor {limits.min}",
                 )
             )
         elif limits.max is not None and subtotal > limits.max:
@@ -180,10 +180,10 @@ def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
                     "total_cap",
                     "Maximum fee",
                     "最高费用",
+                    ctx.subtract(limits.max, subtotal),
                     round_to_currency(ctx.subtract(limits.max, subtotal), places, rounding),
                     subtotal,
                     None,
-                    f"total {subtotal} above the cap {limits.max}",
                 )
             )
     total = sum((ln.amount for ln in lines), ZERO)
@@ -242,56 +242,58 @@ def _read_inputs(
     request: SettlementRequest,
     fx_used: list[FxUsed],
 ) -> None:
-    if not hasattr(given, "items"):
+    if not isinstance(given, Mapping):
         problems.append(Problem("request.type", section, f"{section} must be a mapping of names to decimal text"))
         return
-    values = dict(given.items())  # type: ignore[attr-defined]
-    if len(values) > MAX_NAME_COUNT:
-        problems.append(Problem("request.too_many", section, f"{len(values)} entries; at most {MAX_NAME_COUNT}"))
+    if len(given) > MAX_NAME_COUNT:
+        problems.append(Problem("request.too_many", section, f"{len(given)} entries; at most {MAX_NAME_COUNT}"))
         return
-    known = {i.name for i in declared}
-    for name in values:
+    known = compiled.input_names[section]
+    for name in given:
         if name not in known:
             shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}…"
             problems.append(Problem("request.unknown_name", f"{section}.{shown}", f"{shown!r} is not a {section[:-1]} of this ruleset"))
-    currency = compiled.ruleset.currency
     for item in declared:
-        path = f"{section}.{item.name}"
-        if item.name not in values:
+        raw = given.get(item.name)
+        if raw is None:
             if item.default is None:
-                problems.append(Problem("request.missing", path, f"{item.name!r} is required"))
+                problems.append(Problem("request.missing", f"{section}.{item.name}", f"{item.name!r} is required"))
             else:
                 env[item.name] = item.default
-            continue
-        raw = values[item.name]
-        if isinstance(raw, MoneyAmount):
-            if item.type is not ValueType.MONEY:
-                problems.append(Problem("request.type", path, "only money may carry a currency"))
-                continue
-            value = _parse(raw.amount, item, path, problems)
-            if value is None:
-                continue
-            if raw.currency != currency:
-                converted = _convert(value, raw.currency, currency, request, path, problems, item.name)
-                if converted is None:
-                    continue
-                fx_used.append(converted)
-                value = converted.converted
-            env[item.name] = value
-            continue
-        value = _parse(raw, item, path, problems)
-        if value is not None:
-            env[item.name] = value
+        elif isinstance(raw, MoneyAmount):
+            value = _money(raw, item, f"{section}.{item.name}", problems, compiled.ruleset.currency, request, fx_used)
+            if value is not None:
+                env[item.name] = value
+        else:
+            value = _parse(raw, item, section, problems)
+            if value is not None:
+                env[item.name] = value
 
 
-def _parse(raw: object, item: Input, path: str, problems: list[Problem]) -> Decimal | None:
+def _money(
+    raw: MoneyAmount, item: Input, path: str, problems: list[Problem], currency: str, request: SettlementRequest, fx_used: list[FxUsed]
+) -> Decimal | None:
+    if item.type is not ValueType.MONEY:
+        problems.append(Problem("request.type", path, "only money may carry a currency"))
+        return None
+    value = _parse(raw.amount, item, path.split(".")[0], problems)
+    if value is None or raw.currency == currency:
+        return value
+    converted = _convert(value, raw.currency, currency, request, path, problems, item.name)
+    if converted is None:
+        return None
+    fx_used.append(converted)
+    return converted.converted
+
+
+def _parse(raw: object, item: Input, section: str, problems: list[Problem]) -> Decimal | None:
     try:
         value = parse_decimal(raw, allow_percent=item.type is ValueType.RATIO)
     except DecimalTextError as exc:
-        problems.append(Problem("request.number", path, str(exc)))
+        problems.append(Problem("request.number", f"{section}.{item.name}", str(exc)))
         return None
     if item.type is ValueType.COUNT and (value < 0 or value != value.to_integral_value()):
-        problems.append(Problem("request.count", path, f"{raw} is not a non-negative whole number"))
+        problems.append(Problem("request.count", f"{section}.{item.name}", f"{raw} is not a non-negative whole number"))
         return None
     return value
 
@@ -323,59 +325,64 @@ def _convert(
     return None
 
 
-def _fee_line(fee: Fee, env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> Line:
-    path = f"fees.{fee.id}"
-
-    def line(
-        detail: str, exact: Decimal, basis: Decimal | None = None, rate: Decimal | None = None, waived_by: tuple[str, ...] = ()
-    ) -> Line:
-        return Line(fee.id, fee.kind.value, fee.label.en, fee.label.zh, basis, rate, detail, exact, ZERO, waived_by)
-
+def _fee_line(
+    fee: Fee, env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int, places: int, rounding: Rounding
+) -> Line:
     kind = fee.kind
+    basis: Decimal | None = None
+    rate: Decimal | None = None
+    waived_by: tuple[str, ...] = ()
     if kind is FeeKind.FIXED:
         assert fee.amount is not None
-        amount = _number(fee.amount.evaluate, env, path)
-        if not fee.prorate:
-            return line(f"{amount}", amount)
-        share = ctx.divide(Decimal(active_days), Decimal(period_days))
-        return line(f"{amount} × {active_days}/{period_days} active days", ctx.multiply(amount, share), amount, share)
-    if kind is FeeKind.PERCENTAGE:
+        exact = _number(fee.amount.evaluate, env, fee.id)
+        if fee.prorate:
+            basis, rate = exact, ctx.divide(Decimal(active_days), Decimal(period_days))
+            exact = ctx.multiply(basis, rate)
+    elif kind is FeeKind.PERCENTAGE:
         assert fee.basis is not None and fee.rate is not None
-        basis = _number(fee.basis.evaluate, env, path)
-        return line(f"{basis} × {fee.rate}", ctx.multiply(basis, fee.rate), basis, fee.rate)
-    if kind is FeeKind.TIERED:
+        basis, rate = _number(fee.basis.evaluate, env, fee.id), fee.rate
+        exact = ctx.multiply(basis, rate)
+    elif kind is FeeKind.TIERED:
         assert fee.basis is not None
-        basis = _number(fee.basis.evaluate, env, path)
+        basis = _number(fee.basis.evaluate, env, fee.id)
         if fee.mode is TierMode.VOLUME:
-            tier = next(t for t in fee.tiers if t.upper is None or basis < t.upper)
-            rate = tier.rate if basis > 0 else ZERO
-            return line(f"{basis} × {rate} (volume tier from {tier.lower})", ctx.multiply(max(basis, ZERO), rate), basis, rate)
-        total, parts = ZERO, []
-        for tier in fee.tiers:
-            top = basis if tier.upper is None else min(basis, tier.upper)
-            width = ctx.subtract(top, tier.lower)
-            if width <= 0:
-                break
-            total = ctx.add(total, ctx.multiply(width, tier.rate))
-            parts.append(f"{width} × {tier.rate}")
-        return line(" + ".join(parts) or "0", total, basis)
-    if kind is FeeKind.BONUS and fee.steps_on is not None:
+            rate = _volume_rate(fee, basis)
+            exact = ctx.multiply(max(basis, ZERO), rate)
+        else:
+            exact = _graduated(fee, basis)
+    elif kind is FeeKind.BONUS and fee.steps_on is not None:
         reached = [s for s in fee.steps if s.rule in fired]
-        if not reached:
-            return line("no step reached", ZERO)
-        step = max(reached, key=lambda s: s.threshold)
-        basis_of, rate_of, amount = _payout(step.payout, env, path)
-        return line(f"step from {step.threshold}: {_payout_text(basis_of, rate_of, amount)}", amount, basis_of, rate_of)
-    if fee.id not in fired:
-        return line("condition not met", ZERO)
-    basis_of, rate_of, amount = _payout(fee.payout, env, path)
-    text = _payout_text(basis_of, rate_of, amount)
-    if kind is FeeKind.PENALTY:
-        waived_by = tuple(name for name in fee.exempt_by if name in applied)
-        if waived_by:
-            return line(f"waived ({text})", ZERO, basis_of, rate_of, waived_by)
-        return line(f"-({text})", ctx.minus(amount), basis_of, rate_of)
-    return line(text, amount, basis_of, rate_of)
+        if reached:
+            basis, rate, exact = _payout(max(reached, key=lambda s: s.threshold).payout, env, fee.id)
+        else:
+            exact = ZERO
+    elif fee.id not in fired:
+        exact = ZERO
+    else:
+        basis, rate, exact = _payout(fee.payout, env, fee.id)
+        if kind is FeeKind.PENALTY:
+            waived_by = tuple(name for name in fee.exempt_by if name in applied)
+            exact = ZERO if waived_by else ctx.minus(exact)
+    amount = round_to_currency(exact, places, rounding)
+    return Line(fee.id, kind.value, fee.label.en, fee.label.zh, basis, rate, exact, amount, waived_by)
+
+
+def _graduated(fee: Fee, basis: Decimal) -> Decimal:
+    """Each slice [from, up_to) of the basis at its tier's rate; nothing below zero."""
+    total = ZERO
+    for tier in fee.tiers:
+        top = basis if tier.upper is None else min(basis, tier.upper)
+        if top <= tier.lower:
+            break
+        total = ctx.add(total, ctx.multiply(ctx.subtract(top, tier.lower), tier.rate))
+    return total
+
+
+def _volume_rate(fee: Fee, basis: Decimal) -> Decimal:
+    """The rate of the tier the basis reaches, [from, up_to); a basis below zero earns nothing."""
+    if basis <= 0:
+        return ZERO
+    return next(t.rate for t in fee.tiers if t.upper is None or basis < t.upper)
 
 
 def _payout(payout: Payout, env: Env, path: str) -> tuple[Decimal | None, Decimal | None, Decimal]:
@@ -386,13 +393,5 @@ def _payout(payout: Payout, env: Env, path: str) -> tuple[Decimal | None, Decima
     return basis, payout.rate, ctx.multiply(basis, payout.rate)
 
 
-def _payout_text(basis: Decimal | None, rate: Decimal | None, amount: Decimal) -> str:
-    return f"{basis} × {rate}" if basis is not None else f"{amount}"
-
-
-def _adjustment(line_id: str, en: str, zh: str, exact: Decimal, basis: Decimal | None, rate: Decimal | None, detail: str) -> Line:
-    return Line(line_id, "adjustment", en, zh, basis, rate, detail, exact, exact)
-
-
-def _rounded(line: Line, places: int, rounding: Rounding) -> Line:
-    return replace(line, amount=round_to_currency(line.exact, places, rounding))
+def _adjustment(line_id: str, en: str, zh: str, exact: Decimal, amount: Decimal, basis: Decimal | None, rate: Decimal | None) -> Line:
+    return Line(line_id, "adjustment", en, zh, basis, rate, exact, amount)
