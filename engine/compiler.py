@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from engine.conditions import Condition
-from engine.decision import Decision, canonical_json
+from engine.decision import Decision
 from engine.expressions import Compare, Explainer, Node, Num, Type, compile_evidence
 from engine.matcher import Matcher
 from engine.model import FeeKind, Ruleset, ValueType
@@ -54,8 +55,13 @@ class CompiledRuleset:
 
 
 def content_hash(document: SourceDocument) -> str:
-    """SHA-256 of the canonical JSON of the document's values (comments and layout ignored)."""
-    return hashlib.sha256(canonical_json(document.data)).hexdigest()
+    """SHA-256 of the document's values as compact JSON in source order.
+
+    Comments, quoting and layout do not count; order does, because it is meaning: KPIs,
+    fees and exemptions are evaluated and reported in the order written.
+    """
+    text = json.dumps(document.data, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def parse_and_validate(source: str | bytes) -> tuple[SourceDocument | None, Ruleset | None, list[Problem]]:

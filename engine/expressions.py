@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 
 from engine.money import ARITHMETIC, DecimalTextError, parse_decimal, plain
@@ -120,7 +120,7 @@ MIRRORED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _TOKEN = re.compile(
     r"""
     (?P<space>\s+)
-  | (?P<number>\d+(?:\.\d+)?(?:\s*%)?)
+  | (?P<number>[0-9]+(?:\.[0-9]+)?(?:[ ]*%)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<string>'[^'\\\n]{0,64}'|"[^"\\\n]{0,64}")
   | (?P<op><=|>=|==|!=|[-+*/()<>,])
@@ -516,8 +516,8 @@ def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
     """Evidence for a condition with the values it saw, e.g. `acos 0.3100 > 0.2800`.
 
     Numbers show at least 4 decimals (more if a literal has more; none when both sides
-    are whole by type), rounded half-even for display only: the decision never reads
-    this text. Everything static is prepared here so that a call only formats values.
+    are whole by type) and never round (see shown_value); the decision never reads this
+    text. Everything static is prepared here so that a call only formats values.
     """
     if isinstance(node, Compare):
         places = 0 if is_integral(node.left, integral) and is_integral(node.right, integral) else _literal_places(node)
@@ -560,10 +560,29 @@ def _literal_places(node: Compare) -> int:
     return max([4, *literals])
 
 
+EVIDENCE_EXTRA_PLACES = 8
+
+
+def shown_value(value: Decimal, places: int) -> str:
+    """`places` decimals when that is exact, else up to 8 more, else truncated with `…`.
+
+    Never rounds: a value just above a threshold must not read as equal to it.
+    """
+    decimals = -int(value.as_tuple().exponent)
+    if decimals <= places:
+        return plain(value.quantize(_QUANTA[places], context=ARITHMETIC))
+    if decimals <= places + EVIDENCE_EXTRA_PLACES:
+        return plain(value)
+    cut = value.quantize(_QUANTA[places + EVIDENCE_EXTRA_PLACES], rounding=ROUND_DOWN, context=ARITHMETIC)
+    return plain(cut) + "…"
+
+
+_QUANTA = {p: Decimal(1).scaleb(-p) for p in range(64)}
+
+
 def _side(node: Node, places: int) -> Explainer:
-    quantum = Decimal(1).scaleb(-places)
     if isinstance(node, Num):
-        shown = plain(node.value.quantize(quantum, rounding=ROUND_HALF_EVEN, context=ARITHMETIC))
+        shown = shown_value(node.value, places)
         return lambda env: shown
     if isinstance(node, Str):
         quoted = node.value
@@ -572,8 +591,6 @@ def _side(node: Node, places: int) -> Explainer:
 
     def side(env: Env) -> str:
         value = value_of(env)
-        if isinstance(value, Decimal):
-            return prefix + plain(value.quantize(quantum, rounding=ROUND_HALF_EVEN, context=ARITHMETIC))
-        return prefix + str(value)
+        return prefix + (shown_value(value, places) if isinstance(value, Decimal) else str(value))
 
     return side

@@ -29,6 +29,7 @@ import orjson
 from engine.conditions import All, Any, Atom, Condition, Constant
 from engine.expressions import Env, Name, Type, ZeroDivision, compile_node, source_text
 from engine.money import ARITHMETIC
+from engine.problems import EngineError
 
 VALUE_LIMIT = 2**53
 MAX_TESTS_PER_RULE = 32  # the C core's limit of expressions per pattern
@@ -50,7 +51,7 @@ class MatcherLimitError(ValueError):
         super().__init__(message)
 
 
-class MatcherFailure(RuntimeError):
+class MatcherFailure(EngineError):
     """The C core reported an error during an evaluation (the matcher rebuilt itself)."""
 
 
@@ -236,6 +237,7 @@ class Matcher:
         if batch:
             self.partitions.append(_Partition(batch))
         self._lock = threading.Lock()
+        self._closed = False
 
     def decide(self, env: Env) -> set[str]:
         """Names of the rules whose conditions hold for `env`. Raises ZeroDivision."""
@@ -251,6 +253,8 @@ class Matcher:
             facts.append(fact)
         fired: set[str] = set()
         with self._lock:
+            if self._closed:
+                raise MatcherFailure("this ruleset version was closed; compile it again to use it")
             for partition, fact in zip(self.partitions, facts, strict=False):
                 try:
                     fired.update(partition.fire(fact))
@@ -261,9 +265,10 @@ class Matcher:
 
     def close(self) -> None:
         with self._lock:
-            for partition in self.partitions:
-                partition.close()
-            self.partitions = []
+            if not self._closed:
+                self._closed = True
+                for partition in self.partitions:
+                    partition.close()
 
 
 def check_condition(condition: Condition, name_types: Mapping[str, Type], integral: set[str], markets: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ import iso4217
 MAX_INTEGER_DIGITS = 18
 MAX_FRACTION_DIGITS = 10
 
-_DECIMAL_TEXT = re.compile(r"[+-]?(\d+)(?:\.(\d+))?")
+_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+)(?:\.([0-9]+))?")  # ASCII digits only
 _PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,10})?")  # the common case, checked in one step
 
 #: Every exact computation runs in this context: 34 digits (decimal128), traps on.
@@ -56,12 +56,12 @@ def parse_decimal(text: object, *, allow_percent: bool = False) -> Decimal:
         return Decimal(text)
     if isinstance(text, bool) or not isinstance(text, str):
         raise DecimalTextError(f"expected a decimal written as text, got {_kind(text)}")
-    body = text.strip()
+    body = text
     percent = body.endswith("%")
     if percent:
         if not allow_percent:
             raise DecimalTextError(f"{text!r}: a percentage is not accepted here")
-        body = body[:-1].rstrip()
+        body = body[:-1]
     match = _DECIMAL_TEXT.fullmatch(body)
     if not match:
         raise DecimalTextError(f"{text!r} is not a decimal (digits, optional sign and point; no exponent)")
