@@ -18,6 +18,7 @@ from engine.expressions import (
     Compare,
     Logic,
     Name,
+    Neg,
     Node,
     Not,
     Num,
@@ -82,28 +83,35 @@ def normalize(node: Node, name_types: Mapping[str, Type], negate: bool = False) 
     if isinstance(left, Str) or isinstance(right, Str) or _is_string(left, name_types):
         if isinstance(left, Str) and isinstance(right, Str):
             return Constant((left.value == right.value) == (op == "=="))
+        if not isinstance(left, Str) and not isinstance(right, Str):  # market == market
+            return Constant(op == "==")
         probe, literal = (right, left) if isinstance(left, Str) else (left, right)
         assert isinstance(literal, Str)
         return Atom(probe, op, literal.value)
     if is_constant(left) and is_constant(right):
         return Constant(bool(compile_node(Compare(op, left, right))({})))
-    if is_constant(right):
-        return Atom(left, op, _constant(right))
-    if is_constant(left):
-        return Atom(right, MIRRORED[op], _constant(left))
+    # A written literal becomes the rule's literal; a computed constant such as 1/3 may not
+    # be representable as a scaled integer, so it stays on the probe side: x - 1/3 > 0.
+    number = _literal(right)
+    if number is not None:
+        return Atom(left, op, number)
+    number = _literal(left)
+    if number is not None:
+        return Atom(right, MIRRORED[op], number)
     return Atom(Arith("-", left, right), op, Decimal(0))
+
+
+def _literal(node: Node) -> Decimal | None:
+    """A number as written: `28%`, `0.5`, `-3`."""
+    if isinstance(node, Num):
+        return node.value
+    if isinstance(node, Neg) and isinstance(node.operand, Num):
+        return -node.operand.value
+    return None
 
 
 def _is_string(node: Node, name_types: Mapping[str, Type]) -> bool:
     return isinstance(node, Name) and name_types.get(node.name) is Type.STRING
-
-
-def _constant(node: Node) -> Decimal:
-    if isinstance(node, Num):
-        return node.value
-    value = compile_node(node)({})
-    assert isinstance(value, Decimal)
-    return value
 
 
 def _simplify(condition: All | Any) -> Condition:

@@ -16,7 +16,8 @@ from enum import StrEnum
 from engine.money import ARITHMETIC, DecimalTextError, parse_decimal, plain
 
 MAX_LENGTH = 1000
-MAX_DEPTH = 32
+MAX_DEPTH = 32  # nesting: parentheses, not, unary minus, function calls
+MAX_HEIGHT = 64  # operations on any path from the root, a flat chain a+b+c… included
 
 Scalar = Decimal | bool | str
 Env = Mapping[str, Scalar]
@@ -160,6 +161,15 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.index = 0
         self.depth = 0
+        self.heights: dict[int, int] = {}
+
+    def made(self, node: Node) -> Node:
+        """Record the new node's height; refuse trees too tall for later recursive walks."""
+        height = 1 + max((self.heights.get(id(child), 1) for child in children(node)), default=0)
+        if height > MAX_HEIGHT:
+            raise ExpressionError("expr.too_deep", f"more than {MAX_HEIGHT} operations in a row", self.token.offset)
+        self.heights[id(node)] = height
+        return node
 
     @property
     def token(self) -> _Token:
@@ -192,20 +202,20 @@ class _Parser:
         while self.token.kind == "name" and self.token.text == "or":
             self.advance()
             operands.append(self.conjunction())
-        return operands[0] if len(operands) == 1 else Logic("or", tuple(operands))
+        return operands[0] if len(operands) == 1 else self.made(Logic("or", tuple(operands)))
 
     def conjunction(self) -> Node:
         operands = [self.negation()]
         while self.token.kind == "name" and self.token.text == "and":
             self.advance()
             operands.append(self.negation())
-        return operands[0] if len(operands) == 1 else Logic("and", tuple(operands))
+        return operands[0] if len(operands) == 1 else self.made(Logic("and", tuple(operands)))
 
     def negation(self) -> Node:
         if self.token.kind == "name" and self.token.text == "not":
             self.advance()
             self.enter()
-            node = Not(self.negation())
+            node = self.made(Not(self.negation()))
             self.depth -= 1
             return node
         return self.comparison()
@@ -217,28 +227,28 @@ class _Parser:
             right = self.additive()
             if self.token.text in COMPARISONS:
                 raise ExpressionError("expr.syntax", "comparisons cannot be chained; use 'and'", self.token.offset)
-            return Compare(op, left, right)
+            return self.made(Compare(op, left, right))
         return left
 
     def additive(self) -> Node:
         node = self.multiplicative()
         while self.token.text in ("+", "-"):
             op = self.advance().text
-            node = Arith(op, node, self.multiplicative())
+            node = self.made(Arith(op, node, self.multiplicative()))
         return node
 
     def multiplicative(self) -> Node:
         node = self.unary()
         while self.token.text in ("*", "/"):
             op = self.advance().text
-            node = Arith(op, node, self.unary())
+            node = self.made(Arith(op, node, self.unary()))
         return node
 
     def unary(self) -> Node:
         if self.token.text == "-":
             self.advance()
             self.enter()
-            node = Neg(self.unary())
+            node = self.made(Neg(self.unary()))
             self.depth -= 1
             return node
         if self.token.text == "+":
@@ -286,7 +296,7 @@ class _Parser:
         self.depth -= 1
         if name.text == "abs" and len(args) != 1:
             raise ExpressionError("expr.arity", "abs() takes exactly one argument", name.offset)
-        return Call(name.text, tuple(args), name.offset)
+        return self.made(Call(name.text, tuple(args), name.offset))
 
 
 def parse(text: str) -> Node:
@@ -297,16 +307,7 @@ def parse(text: str) -> Node:
         raise ExpressionError("expr.too_long", f"{len(text)} characters; at most {MAX_LENGTH}")
     if not text.strip():
         raise ExpressionError("expr.empty", "the expression is empty")
-    tree = _Parser(text).parse()
-    if depth(tree) > MAX_DEPTH:
-        raise ExpressionError("expr.too_deep", f"nested deeper than {MAX_DEPTH} operations")
-    return tree
-
-
-def depth(node: Node) -> int:
-    """Height of the tree; bounded so that every later recursive walk is shallow."""
-    kids = children(node)
-    return 1 + max((depth(k) for k in kids), default=0)
+    return _Parser(text).parse()
 
 
 # ---------------------------------------------------------------- inspection
@@ -324,6 +325,27 @@ def names(node: Node) -> list[tuple[str, int]]:
 
     visit(node)
     return found
+
+
+def constant_zero_divisions(node: Node) -> list[int]:
+    """Offsets of divisions whose divisor is a constant equal to zero (`x / (2 - 2)`)."""
+    found: list[int] = []
+    if isinstance(node, Arith) and node.op == "/" and not names(node.right):
+        try:
+            divisor = compile_node(node.right)({})
+        except ZeroDivision:
+            divisor = Decimal(1)  # reported where it happens, deeper down
+        if isinstance(divisor, Decimal) and divisor.is_zero():
+            found.append(_first_offset(node.right))
+    for child in children(node):
+        found.extend(constant_zero_divisions(child))
+    return found
+
+
+def _first_offset(node: Node) -> int:
+    if isinstance(node, (Name, Call)):
+        return node.offset
+    return next((_first_offset(c) for c in children(node)), 0)
 
 
 def children(node: Node) -> tuple[Node, ...]:
@@ -570,6 +592,8 @@ def shown_value(value: Decimal, places: int) -> str:
     """
     decimals = -int(value.as_tuple().exponent)
     if decimals <= places:
+        if value.adjusted() + places >= ARITHMETIC.prec:  # too many digits to pad
+            return plain(value)
         return plain(value.quantize(_QUANTA[places], context=ARITHMETIC))
     if decimals <= places + EVIDENCE_EXTRA_PLACES:
         return plain(value)

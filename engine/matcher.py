@@ -32,7 +32,8 @@ from engine.money import ARITHMETIC
 from engine.problems import EngineError
 
 VALUE_LIMIT = 2**53
-MAX_TESTS_PER_RULE = 32  # the C core's limit of expressions per pattern
+MAX_TESTS_PER_RULE = 32  # tests after the C core's expansion into alternatives
+MAX_GROUPS_PER_RULE = 15  # $and/$or groups in one pattern; 16 or more: error 113 (measured)
 MAX_TESTS_PER_PARTITION = 60  # below 64 tests true at once among siblings, 256 sharers, 512 conditions
 MAX_FIELDS_PER_FACT = 200  # below ~252 properties per fact
 _SID = "s0"
@@ -83,7 +84,12 @@ class _Translator:
 
     def rule(self, name: str, condition: Condition) -> _Rule:
         used: list[_Field] = []
-        test = self._test(condition, used)
+        test = _flattened(self._test(condition, used))
+        groups = _groups(test)
+        if groups > MAX_GROUPS_PER_RULE:
+            raise MatcherLimitError(
+                "rule.too_complex", f"needs {groups} nested and/or groups; the matcher takes at most {MAX_GROUPS_PER_RULE}"
+            )
         terms, weight = _expanded_size(test)
         if weight > MAX_TESTS_PER_RULE:
             raise MatcherLimitError(
@@ -148,6 +154,26 @@ class _Translator:
         if key not in self.fields:
             self.fields[key] = _Field(f"v{len(self.fields)}", probe, places, rounding)
         return self.fields[key]
+
+
+def _flattened(test: Json) -> Json:
+    """Merge an $and inside an $and (an $or inside an $or): same meaning, fewer groups."""
+    for key in ("$and", "$or"):
+        if key in test:
+            parts: list[Json] = []
+            for part in test[key]:  # type: ignore[attr-defined]
+                part = _flattened(part)
+                parts.extend(part.get(key, [part]))  # type: ignore[arg-type]
+            return {key: parts}
+    return test
+
+
+def _groups(test: Json) -> int:
+    for key in ("$and", "$or"):
+        if key in test:
+            parts: list[Json] = test[key]  # type: ignore[assignment]
+            return 1 + sum(_groups(part) for part in parts)
+    return 0
 
 
 def _expanded_size(test: Json) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import calendar
 import datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, DecimalException
 from typing import TYPE_CHECKING
 
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
@@ -46,6 +46,16 @@ def period_bounds(start: datetime.date, period: Period) -> tuple[datetime.date, 
 
 
 def settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
+    """The decision for one request, or RequestInvalid listing what is wrong with it."""
+    try:
+        return _settle(compiled, request)
+    except DecimalException as exc:  # e.g. a value with more digits than exact arithmetic keeps
+        raise RequestInvalid(
+            [Problem("request.out_of_range", "", f"the values are too large to compute exactly ({type(exc).__name__})")]
+        ) from exc
+
+
+def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     ruleset = compiled.ruleset
     problems: list[Problem] = []
     # 1. the request

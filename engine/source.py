@@ -8,6 +8,7 @@ ever exists), aliases are expanded under a node budget, and nesting depth is bou
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from ruamel.yaml import YAML
@@ -32,6 +33,11 @@ class SourceDocument:
 
     data: Value
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    key_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def key_position(self, path: str) -> tuple[int, int]:
+        """Where the key of `path` is written (for problems about the key itself)."""
+        return self.key_positions.get(path) or self.position(path)
 
     def position(self, path: str) -> tuple[int, int]:
         """Line and column of `path`, or of its nearest ancestor that has one."""
@@ -65,9 +71,13 @@ def load_source(text: str | bytes) -> SourceDocument:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SourceError(Problem("source.encoding", "", f"not UTF-8: {exc.reason}")) from exc
-    size = len(text.encode("utf-8"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise SourceError(Problem("source.encoding", "", f"not valid Unicode text: {exc.reason}")) from exc
     if size > MAX_SOURCE_BYTES:
         raise SourceError(_too_large(size))
+    _check_flow_depth(text)
     if text.lstrip().startswith(("{", "[")):
         _check_json_syntax(text)
     try:
@@ -84,7 +94,7 @@ def load_source(text: str | bytes) -> SourceDocument:
         raise SourceError(Problem("source.empty", "", "the document is empty"))
     walker = _Walker()
     data = walker.walk(root, "", 0)
-    return SourceDocument(data, walker.positions)
+    return SourceDocument(data, walker.positions, walker.key_positions)
 
 
 def _too_large(size: int) -> Problem:
@@ -96,19 +106,52 @@ def _check_json_syntax(text: str) -> None:
         json.loads(text, parse_float=str, parse_int=str, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise SourceError(Problem("source.syntax", "", exc.msg, line=exc.lineno, column=exc.colno)) from exc
+    except _ConstantRefused as exc:
+        line, column = _locate(text, exc.name)
+        raise SourceError(Problem("source.syntax", "", str(exc), line=line, column=column)) from exc
     except ValueError as exc:
         raise SourceError(Problem("source.syntax", "", str(exc))) from exc
     except RecursionError as exc:
         raise SourceError(Problem("source.too_deep", "", f"nesting deeper than {MAX_DEPTH}")) from exc
 
 
+def _locate(text: str, word: str) -> tuple[int, int]:
+    """1-based line and column of the first `word` outside a string, or (0, 0)."""
+    match = re.search(rf'^(?:[^"\n]|"(?:[^"\\\n]|\\.)*")*?(?<![A-Za-z"])({re.escape(word)})', text, re.MULTILINE)
+    if not match:
+        return (0, 0)
+    start = match.start(1)
+    line = text.count("\n", 0, start) + 1
+    return line, start - (text.rfind("\n", 0, start) + 1) + 1
+
+
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number a ruleset may contain")
+    raise _ConstantRefused(name)
+
+
+class _ConstantRefused(ValueError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"{name} is not a number a ruleset may contain")
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse [[[[… before the YAML parser spends seconds on it (brackets in strings count
+    too; no real ruleset comes near the bound)."""
+    depth = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            if depth > 2 * MAX_DEPTH:
+                raise SourceError(Problem("source.too_deep", "", f"nesting deeper than {MAX_DEPTH}"))
+        elif char in "]}":
+            depth -= 1
 
 
 class _Walker:
     def __init__(self) -> None:
         self.positions: dict[str, tuple[int, int]] = {}
+        self.key_positions: dict[str, tuple[int, int]] = {}
         self.nodes = 0
 
     def _fail(self, code: str, path: str, message: str, node: Node) -> SourceError:
@@ -145,6 +188,7 @@ class _Walker:
                 key = str(key_node.value)
                 if key in result:
                     raise self._fail("source.duplicate_key", child_path(path, key), f"key {key!r} appears twice", key_node)
+                self.key_positions.setdefault(child_path(path, key), (key_node.start_mark.line + 1, key_node.start_mark.column + 1))
                 result[key] = self.walk(value_node, child_path(path, key), depth + 1)
             return result
         raise self._fail("source.syntax", path, "unsupported node", node)

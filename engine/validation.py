@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from engine.conditions import UNBOUNDED, Bounds, Condition, Constant, can_hold, normalize
-from engine.expressions import Compare, Expression, ExpressionError, Num, Type, compile_expression
+from engine.expressions import (
+    Compare,
+    Expression,
+    ExpressionError,
+    Node,
+    Num,
+    Type,
+    ZeroDivision,
+    compile_expression,
+    constant_zero_divisions,
+)
 from engine.matcher import MatcherLimitError, check_condition
 from engine.model import (
     Example,
@@ -34,6 +45,7 @@ from engine.money import DecimalTextError, Rounding, minor_units, parse_decimal
 from engine.problems import Problem, Severity
 from engine.source import SourceDocument, child_path
 
+DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 RULESET_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 MARKET = re.compile(r"[A-Z]{2}")
@@ -54,7 +66,11 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def report(self, code: str, path: str, message: str, severity: Severity = Severity.ERROR) -> None:
-        line, column = self.document.position(path)
+        # a problem with a name that is a mapping key points at the key, not at its value
+        about_key = code == "key.unknown" or (
+            code in ("name.invalid", "name.duplicate", "name.reserved", "market.invalid") and "." in path and not path.endswith(".id")
+        )
+        line, column = self.document.key_position(path) if about_key else self.document.position(path)
         self.problems.append(Problem(code, path, message, severity, line, column))
 
     def warn(self, code: str, path: str, message: str) -> None:
@@ -115,12 +131,14 @@ class _Checker:
             return None
         return number
 
-    def choice(self, value: Any, path: str, enum: Callable[[str], T], default: T) -> T:
-        if value is None:
+    def choice(self, spec: Mapping[str, Any], key: str, path: str, enum: Callable[[str], T], default: T) -> T:
+        """The enum value of `spec[key]`; `default` when the key is absent (null is an error)."""
+        if key not in spec:
             return default
+        value = spec[key]
         try:
             return enum(value)
-        except ValueError:
+        except (ValueError, TypeError):
             options = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
             self.report("value.invalid", path, f"{value!r} is not one of {options}")
             return default
@@ -184,10 +202,10 @@ class RulesetBuilder:
             return None, c.problems
         ruleset_id = c.text(top.get("ruleset"), "ruleset", RULESET_ID, "ruleset id ([a-z][a-z0-9_-]*)") or ""
         title = _text_or(top.get("title"), ruleset_id)
-        effective_from = self._date(top.get("effective_from"), "effective_from")
-        currency, places = self._currency(top.get("currency"))
-        period = c.choice(top.get("period"), "period", Period, Period.MONTH)
-        rounding = c.choice(top.get("rounding"), "rounding", Rounding, Rounding.HALF_UP)
+        effective_from = self._date(top.get("effective_from"), "effective_from", "effective_from" in top)
+        currency, places = self._currency(top.get("currency"), "currency" in top)
+        period = c.choice(top, "period", "period", Period, Period.MONTH)
+        rounding = c.choice(top, "rounding", "rounding", Rounding, Rounding.HALF_UP)
 
         self._declare_names(top)
         self.markets = self._market_codes(top.get("markets"))
@@ -201,7 +219,8 @@ class RulesetBuilder:
         penalty_cap, total_limits = self._caps(top.get("caps"), places)
         warnings = self._warnings(top.get("warnings"))
         examples = self._examples(top.get("examples"))
-        self._unused(metrics, params, kpis)
+        if not any(p.severity is Severity.ERROR for p in c.problems):  # until errors are fixed, "unused" is noise
+            self._unused(metrics, params, kpis)
 
         if any(p.severity is Severity.ERROR for p in c.problems):
             return None, c.problems
@@ -264,6 +283,7 @@ class RulesetBuilder:
         if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
             self.check.report("expr.not_text", path, f"expected an expression, got {_kind(value)}")
             return None
+        self.used.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(value)))  # no "unused" noise on errors
         try:
             expression = compile_expression(str(value), self.types, want)
         except ExpressionError as exc:
@@ -271,6 +291,9 @@ class RulesetBuilder:
             self.check.report(exc.code, path, f"{exc}{where} in {value!r}")
             return None
         ok = True
+        for offset in constant_zero_divisions(expression.tree):
+            self.check.report("expr.division_by_zero", path, f"a constant part divides by zero (at character {offset + 1}) in {value!r}")
+            ok = False
         for name in expression.names:
             self.used.add(name)
             problem = self._scope_problem(name, scope, position)
@@ -307,8 +330,10 @@ class RulesetBuilder:
 
     # ------------------------------------------------------------ sections
 
-    def _date(self, value: Any, path: str) -> datetime.date | None:
-        if isinstance(value, str):
+    def _date(self, value: Any, path: str, present: bool = True) -> datetime.date | None:
+        if not present:
+            return None  # reported as key.missing
+        if isinstance(value, str) and DATE.fullmatch(value):
             try:
                 return datetime.date.fromisoformat(value)
             except ValueError:
@@ -316,7 +341,9 @@ class RulesetBuilder:
         self.check.report("date.invalid", path, f"expected a date YYYY-MM-DD, got {_kind(value)}")
         return None
 
-    def _currency(self, value: Any) -> tuple[str, int]:
+    def _currency(self, value: Any, present: bool) -> tuple[str, int]:
+        if not present:
+            return "", 2  # reported as key.missing
         if isinstance(value, str):
             try:
                 return value, minor_units(value)
@@ -337,7 +364,7 @@ class RulesetBuilder:
             spec = self.check.mapping(item, path, required=("type",), optional=optional)
             if spec is None or self.kinds.get(name, ("", 0))[0] != section:
                 continue
-            value_type = self.check.choice(spec.get("type"), child_path(path, "type"), ValueType, ValueType.NUMBER)
+            value_type = self.check.choice(spec, "type", child_path(path, "type"), ValueType, ValueType.NUMBER)
             default = None
             if "default" in spec:
                 default = self._input_value(spec["default"], child_path(path, "default"), value_type)
@@ -361,17 +388,23 @@ class RulesetBuilder:
             return None
         return number
 
-    def _condition(self, expression: Expression, path: str, what: str) -> Condition:
-        condition = normalize(expression.tree, self.types)
+    def _condition(self, tree: Node, path: str, what: str, never_code: str = "rule.never_fires") -> Condition:
+        """Normal form of a condition, checked against the matcher's limits and for dead rules."""
+        try:
+            condition = normalize(tree, self.types)
+        except ZeroDivision as exc:
+            self.check.report("expr.division_by_zero", path, f"{exc} (a constant part divides by zero)")
+            return Constant(False)
         try:
             if not isinstance(condition, Constant):
                 check_condition(condition, self.types, self.integral, self.markets)
         except MatcherLimitError as exc:
             self.check.report(exc.code, path, str(exc))
         if isinstance(condition, Constant) and condition.value:
-            self.check.warn("rule.always_fires", path, f"this {what} always holds")
+            if what != "step":
+                self.check.warn("rule.always_fires", path, f"this {what} always holds")
         elif not can_hold(condition, self.bounds):
-            self.check.warn("rule.never_fires", path, f"this {what} can never hold")
+            self.check.warn(never_code, path, f"this {what} can never hold")
         return condition
 
     def _exemptions(self, value: Any) -> list[Exemption]:
@@ -388,7 +421,7 @@ class RulesetBuilder:
             label = self.check.label(spec.get("label"), child_path(path, "label"), name)
             definition = _text_or(spec.get("definition"), "")
             if when is not None:
-                condition = self._condition(when, child_path(path, "when"), "exemption")
+                condition = self._condition(when.tree, child_path(path, "when"), "exemption")
                 result.append(Exemption(name, when, condition, prorate, label, definition))
         return result
 
@@ -407,7 +440,7 @@ class RulesetBuilder:
                 references[name] = re.findall(r"[a-z][a-z0-9_]*", raw) if isinstance(raw, str) else []
                 continue
             references[name] = formula.names
-            kpi_type = self.check.choice(spec.get("type"), child_path(path, "type"), ValueType, ValueType.NUMBER)
+            kpi_type = self.check.choice(spec, "type", child_path(path, "type"), ValueType, ValueType.NUMBER)
             on_zero = None
             if "on_zero_division" in spec:
                 on_zero = self.check.decimal(spec["on_zero_division"], child_path(path, "on_zero_division"), percent=True)
@@ -439,7 +472,7 @@ class RulesetBuilder:
             if not isinstance(item, dict):
                 self.check.report("type.mapping", path, f"expected a fee, got {_kind(item)}")
                 continue
-            kind = self.check.choice(item.get("kind"), child_path(path, "kind"), FeeKind, None)  # type: ignore[arg-type]
+            kind = self.check.choice(item, "kind", child_path(path, "kind"), FeeKind, None)  # type: ignore[arg-type]
             fee_id = item.get("id")
             if kind is None or not isinstance(fee_id, str) or self.kinds.get(fee_id) != ("fees", position):
                 if "kind" not in item:
@@ -475,7 +508,7 @@ class RulesetBuilder:
         if kind is FeeKind.TIERED:
             c.mapping(item, path, required=(*common[:2], "basis", "tiers"), optional=("label", "mode"))
             basis = amount_expr("basis")
-            mode = c.choice(item.get("mode"), child_path(path, "mode"), TierMode, TierMode.GRADUATED)
+            mode = c.choice(item, "mode", child_path(path, "mode"), TierMode, TierMode.GRADUATED)
             tiers = self._tiers(item.get("tiers"), child_path(path, "tiers"))
             return Fee(fee_id, kind, label, basis=basis, mode=mode, tiers=tiers) if basis and tiers else None
         payout_keys = ("amount", "rate", "of")
@@ -495,7 +528,7 @@ class RulesetBuilder:
         exempt_by = self._exempt_by(item.get("exempt_by"), child_path(path, "exempt_by"), exemption_names)
         if when is None or payout is None:
             return None
-        condition = self._condition(when, child_path(path, "when"), kind.value)
+        condition = self._condition(when.tree, child_path(path, "when"), kind.value)
         return Fee(fee_id, kind, label, when=when, condition=condition, payout=payout, exempt_by=exempt_by)
 
     def _payout(self, spec: Mapping[str, Any], path: str, position: int) -> Payout | None:
@@ -519,7 +552,7 @@ class RulesetBuilder:
             return ()
         names = []
         for i, name in enumerate(value):
-            if name not in exemption_names:
+            if not isinstance(name, str) or name not in exemption_names:
                 self.check.report("penalty.unknown_exemption", child_path(path, i), f"{name!r} is not a defined exemption")
             else:
                 names.append(name)
@@ -608,16 +641,22 @@ class RulesetBuilder:
                     )
             previous = threshold
             tree = Compare(">=", steps_on.tree, Num(threshold, str(threshold)))
-            condition = normalize(tree, self.types)
-            rule = f"{fee_id}.steps[{i}]"
+            condition = self._condition(tree, child_path(step_path, "from"), "step", "steps.unreachable")
+            steps.append(Step(f"{fee_id}.steps[{i}]", threshold, condition, payout))
+        for lower, upper in itertools.pairwise(steps):
+            # `lower` is never the highest step reached if `upper` is always reached
+            below_upper = Compare("<", steps_on.tree, Num(upper.threshold, str(upper.threshold)))
             try:
-                if not isinstance(condition, Constant):
-                    check_condition(condition, self.types, self.integral, self.markets)
-            except MatcherLimitError as exc:
-                c.report(exc.code, child_path(step_path, "from"), str(exc))
-            if not can_hold(condition, self.bounds):
-                c.warn("steps.unreachable", child_path(step_path, "from"), f"{steps_on.text} can never reach {threshold}")
-            steps.append(Step(rule, threshold, condition, payout))
+                upper_always = not can_hold(normalize(below_upper, self.types), self.bounds)
+            except ZeroDivision:
+                upper_always = False
+            if upper_always and lower.threshold < upper.threshold:
+                index = steps.index(lower)
+                c.warn(
+                    "steps.unreachable",
+                    f"{path}[{index}].from",
+                    f"the next step (from {upper.threshold}) is always reached, so this one never applies",
+                )
         return tuple(steps)
 
     def _markets(self, value: Any) -> dict[str, Decimal]:
@@ -641,7 +680,7 @@ class RulesetBuilder:
         ids = [f.id for f in fees]
         result = []
         for path, item in self.check.items(value, "multiply", as_list=True):
-            if item not in self.kinds or self.kinds[item][0] != "fees":
+            if not isinstance(item, str) or item not in self.kinds or self.kinds[item][0] != "fees":
                 self.check.report("multiply.unknown_fee", path, f"{item!r} is not a fee id")
             elif item in ids:
                 result.append(item)
@@ -696,7 +735,7 @@ class RulesetBuilder:
             when = self._expression(spec.get("when"), child_path(path, "when"), "condition", Type.BOOL)
             message = self.check.label(spec.get("message"), child_path(path, "message"), spec["id"])
             if when is not None:
-                condition = self._condition(when, child_path(path, "when"), "warning")
+                condition = self._condition(when.tree, child_path(path, "when"), "warning")
                 result.append(Warning(spec["id"], when, condition, message))
         return result
 
