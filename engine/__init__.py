@@ -5,7 +5,9 @@ No gRPC and no database here. The public API is what `__all__` lists.
 
 from engine.compiler import CompiledRuleset, compile_ruleset
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
+from engine.diff import Change, diff_rulesets
 from engine.examples import ExampleOutcome, Mismatch, run_examples
+from engine.explain import explain_decision
 from engine.problems import EngineError, Problem, ProblemsError, RequestInvalid, RulesetInvalid, Severity
 from engine.request import FxRate, MoneyAmount, SettlementRequest, request_from_mapping
 from engine.validate import ValidationReport, validate_ruleset
@@ -15,6 +17,7 @@ __version__ = ENGINE_VERSION
 
 __all__ = [
     "ENGINE_VERSION",
+    "Change",
     "CompiledRuleset",
     "Decision",
     "EngineError",
@@ -35,6 +38,8 @@ __all__ = [
     "Severity",
     "ValidationReport",
     "compile_ruleset",
+    "diff_rulesets",
+    "explain_decision",
     "request_from_mapping",
     "run_examples",
     "validate_ruleset",

@@ -117,8 +117,9 @@ class Decision:
                 for e in self.exemptions
             ],
             "target_factor": plain(self.target_factor),
-            "params": {name: plain(value) for name, value in self.params},
-            "kpis": {name: plain(value) for name, value in self.kpis},
+            # lists, not mappings: canonical JSON sorts keys, and the order of computation matters
+            "params": [{"name": name, "value": plain(value)} for name, value in self.params],
+            "kpis": [{"name": name, "value": plain(value)} for name, value in self.kpis],
             "rules": [{"rule": r.rule, "kind": r.kind, "fired": r.fired, "evidence": r.evidence} for r in self.rules],
             "lines": [
                 {

@@ -234,9 +234,8 @@ class _Explainer:
             return
         given = (self.d.get("inputs") or {}).get("params") or {}
         changes = []
-        params = self.d.get("params") or {}
-        for name in sorted(params):
-            before, value = given.get(name), params[name]
+        for name, value in _pairs(self.d.get("params")):
+            before = given.get(name)
             if isinstance(before, str) and _decimal(before) is not None and _decimal(before) != _decimal(value):
                 changes.append(f"{name} {before} → {value}")
         if changes:
@@ -247,13 +246,13 @@ class _Explainer:
     # -- 5. contract parameters and KPI values
     def _params_and_kpis(self, out: list[str]) -> None:
         sep = self.w.t["list_sep"]
-        # by name: canonical JSON sorts the keys of these mappings, so their order is not kept
-        params = self.d.get("params") or {}
+        # in the order the ruleset declares params and computes KPIs
+        params = _pairs(self.d.get("params"))
         if params:
-            out.append(self.w("params", values=sep.join(f"{name} = {params[name]}" for name in sorted(params))))
-        kpis = self.d.get("kpis") or {}
+            out.append(self.w("params", values=sep.join(f"{name} = {value}" for name, value in params)))
+        kpis = _pairs(self.d.get("kpis"))
         if kpis:
-            out.append(self.w("kpis", values=sep.join(f"{name} = {kpis[name]}" for name in sorted(kpis))))
+            out.append(self.w("kpis", values=sep.join(f"{name} = {value}" for name, value in kpis)))
 
     # -- 6. every rule, fired or not (warnings are told at the end)
     def _rules(self, out: list[str]) -> None:
@@ -377,6 +376,11 @@ class _Explainer:
         labels = [self.exemption_labels.get(n, n) for n in names]
         key = "exemption_one" if len(labels) == 1 else "exemption_many"
         return self.w(key, names=self.w.t["exemption_join"].join(labels))
+
+
+def _pairs(entries: Any) -> list[tuple[str, str]]:
+    """[{"name", "value"}…] as (name, value) pairs, in order."""
+    return [(str(e["name"]), str(e["value"])) for e in entries or []]
 
 
 def _step_of(rule: str) -> tuple[str, int]:

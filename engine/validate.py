@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 from engine.compiler import _compile, content_hash, parse_and_validate
@@ -15,6 +16,7 @@ class ValidationReport:
     content_hash: str | None
     problems: tuple[Problem, ...]  # errors and warnings, examples' failures included
     examples: tuple[ExampleOutcome, ...]
+    effective_from: datetime.date | None = None
 
     @property
     def valid(self) -> bool:
@@ -43,13 +45,13 @@ def validate_ruleset(source: str | bytes) -> ValidationReport:
     try:
         compiled = _compile(document, ruleset, problems, None)
     except RulesetInvalid as exc:
-        return ValidationReport(ruleset.id, content_hash(document), exc.problems, ())
+        return ValidationReport(ruleset.id, content_hash(document), exc.problems, (), ruleset.effective_from)
     try:
         outcomes = run_examples(compiled)
     finally:
         compiled.close()
     located = [_locate(p, compiled.document) for p in example_problems(outcomes)]
-    return ValidationReport(ruleset.id, compiled.content_hash, (*problems, *located), tuple(outcomes))
+    return ValidationReport(ruleset.id, compiled.content_hash, (*problems, *located), tuple(outcomes), ruleset.effective_from)
 
 
 def _locate(problem: Problem, document: object) -> Problem:

@@ -8,10 +8,10 @@ from pathlib import Path
 import engine
 
 PUBLIC = {
-    "ENGINE_VERSION", "CompiledRuleset", "Decision", "EngineError", "ExampleOutcome", "ExemptionOutcome",
+    "ENGINE_VERSION", "Change", "CompiledRuleset", "Decision", "EngineError", "ExampleOutcome", "ExemptionOutcome",
     "FxRate", "FxUsed", "Line", "Mismatch", "MoneyAmount", "Problem", "ProblemsError", "RaisedWarning",
     "RequestInvalid", "RuleOutcome", "RulesetInvalid", "SettlementRequest", "Severity", "ValidationReport",
-    "compile_ruleset", "request_from_mapping", "run_examples", "validate_ruleset",
+    "compile_ruleset", "diff_rulesets", "explain_decision", "request_from_mapping", "run_examples", "validate_ruleset",
 }  # fmt: skip
 
 
