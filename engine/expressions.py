@@ -556,7 +556,10 @@ def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
     value_of, text = compile_node(node), source_text(node)
 
     def value(env: Env) -> str:
-        v = value_of(env)
+        try:
+            v = value_of(env)
+        except ZeroDivision:
+            return f"{text} undefined (division by zero)"
         return f"{text} {('true' if v else 'false') if isinstance(v, bool) else v}"
 
     return value
@@ -614,7 +617,10 @@ def _side(node: Node, places: int) -> Explainer:
     value_of, prefix = compile_node(node), source_text(node) + " "
 
     def side(env: Env) -> str:
-        value = value_of(env)
+        try:
+            value = value_of(env)
+        except ZeroDivision:  # only reachable in a part the condition's outcome does not depend on
+            return prefix + "undefined (division by zero)"
         return prefix + (shown_value(value, places) if isinstance(value, Decimal) else str(value))
 
     return side
