@@ -6,21 +6,30 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup run test lint bench test-long clean
 
+GEN    := gen/.generated
+PROTOS := $(wildcard proto/kpisettle/v1/*.proto)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create the virtualenv and install everything
+# Code generated from the protos into gen/ (git-ignored), importable through a .pth file.
+$(GEN): $(STAMP) $(PROTOS) proto/generate.py
+	$(PY) proto/generate.py
+	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'kpisettle_gen.pth').write_text(str(pathlib.Path('gen').resolve()) + '\n')"
+	touch $(GEN)
 
-run: setup  ## check every ruleset's examples, then print one settlement
+setup: $(STAMP) $(GEN)  ## create the virtualenv, install everything, generate code from the protos
+
+run: setup  ## start the service on 127.0.0.1:50051 with SQLite in var/ and the rulesets loaded
 	$(PY) -m engine check rulesets/*.yaml
-	$(PY) -m engine demo rulesets/us-managed-standard.yaml
+	$(PY) -m server.dev
 
 lint: setup  ## ruff and mypy
-	$(VENV)/bin/ruff check engine tests benchmarks
-	$(VENV)/bin/ruff format --check engine tests benchmarks
+	$(VENV)/bin/ruff check engine server proto tests benchmarks
+	$(VENV)/bin/ruff format --check engine server proto tests benchmarks
 	$(VENV)/bin/mypy
 
 test: setup lint  ## the whole suite
@@ -33,4 +42,4 @@ bench: setup  ## settlements per second, printed as a table
 	$(PY) -m benchmarks.engine_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) gen .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine import CompiledRuleset, compile_ruleset
+from tests.db_fixtures import *  # noqa: F403  (database_url, postgres_url, store, tenant…: one PostgreSQL database per session)
+from tests.server_harness import running_fixture  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 RULESET_FILES = sorted((ROOT / "rulesets").glob("*.yaml"))

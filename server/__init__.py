@@ -1,0 +1,1 @@
+"""kpisettle gRPC service: proto messages in, engine calls, stored auditable decisions out."""

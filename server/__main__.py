@@ -1,0 +1,7 @@
+"""`python -m server`: run the kpisettle gRPC service (see `--help`)."""
+
+import sys
+
+from server.app import main
+
+sys.exit(main())

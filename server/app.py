@@ -1,0 +1,157 @@
+"""Building and running the gRPC server: services, auth, health, reflection, TLS, SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kpisettle.v1 import ruleset_service_pb2, ruleset_service_pb2_grpc, settlement_service_pb2, settlement_service_pb2_grpc
+
+from server.auth import AuthInterceptor, TokenBook
+from server.ruleset_service import RulesetService
+from server.settlement_service import SettlementService
+from server.storage.interface import Store
+from server.storage.sql import open_store
+from server.versions import VersionRegistry
+
+log = logging.getLogger("kpisettle.server")
+
+DEFAULT_DATABASE_URL = "sqlite:///var/kpisettle.db"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVICES = (
+    settlement_service_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
+    ruleset_service_pb2.DESCRIPTOR.services_by_name["RulesetService"].full_name,
+)
+
+
+@dataclass
+class Config:
+    listen: str = "127.0.0.1:50051"
+    database_url: str = DEFAULT_DATABASE_URL
+    tokens_file: Path = Path("var/tokens.json")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    threads: int = 32
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    grace_seconds: float = 10.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="python -m server", description="The kpisettle gRPC service.")
+    parser.add_argument("--listen", default=env.get("KPISETTLE_LISTEN", Config.listen), help="host:port (port 0 picks a free port)")
+    parser.add_argument("--database-url", default=env.get("DATABASE_URL", DEFAULT_DATABASE_URL), help="SQLAlchemy URL; env DATABASE_URL")
+    parser.add_argument(
+        "--tokens-file", default=env.get("KPISETTLE_TOKENS_FILE", str(Config.tokens_file)), help="JSON file of hashed tokens"
+    )
+    parser.add_argument("--tls-cert", default=env.get("KPISETTLE_TLS_CERT"), help="PEM certificate chain; enables TLS")
+    parser.add_argument("--tls-key", default=env.get("KPISETTLE_TLS_KEY"), help="PEM private key")
+    parser.add_argument(
+        "--tls-client-ca", default=env.get("KPISETTLE_TLS_CLIENT_CA"), help="PEM CA bundle; requires client certificates (mTLS)"
+    )
+    parser.add_argument("--threads", type=int, default=int(env.get("KPISETTLE_THREADS", Config.threads)))
+    parser.add_argument("--grace-seconds", type=float, default=float(env.get("KPISETTLE_GRACE_SECONDS", Config.grace_seconds)))
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    return Config(
+        listen=args.listen,
+        database_url=args.database_url,
+        tokens_file=Path(args.tokens_file),
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        threads=args.threads,
+        grace_seconds=args.grace_seconds,
+    )
+
+
+class Service:
+    """A running server and what it owns."""
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(config.database_url)
+        self.registry = VersionRegistry(self.store)
+        self.health = health.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(TokenBook.load(config.tokens_file))],
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        settlement_service_pb2_grpc.add_SettlementServiceServicer_to_server(SettlementService(self.store, self.registry), self.server)  # type: ignore[no-untyped-call]
+        ruleset_service_pb2_grpc.add_RulesetServiceServicer_to_server(RulesetService(self.store, self.registry), self.server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self._bind()
+
+    def _bind(self) -> int:
+        config = self.config
+        if config.tls_cert and config.tls_key:
+            client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            return self.server.add_secure_port(config.listen, credentials)
+        return self.server.add_insecure_port(config.listen)
+
+    def start(self) -> None:
+        self.server.start()
+        for name in ("", *SERVICES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight calls finish, then release everything."""
+        for name in ("", *SERVICES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        self.registry.close()
+        self.store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("KPISETTLE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    service = Service(config)
+    service.start()
+    host = config.listen.rsplit(":", 1)[0]
+    # The first line says where to connect (tests read it); ports may be 0 = any free port.
+    print(f"kpisettle listening on {host}:{service.port}", flush=True)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: draining", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    service.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

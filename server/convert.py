@@ -1,0 +1,312 @@
+"""Proto messages ↔ engine values and stored records. No business logic here."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.type import date_pb2
+from kpisettle.v1 import resources_pb2 as pb
+
+from engine import FxRate, MoneyAmount, SettlementRequest
+from engine.decision import canonical_json
+from engine.money import plain
+from server.errors import Violation, invalid
+from server.storage.interface import LifecycleEvent, RulesetVersionRecord, SettlementRecord, VersionStatus
+
+MAX_ID = 128
+MAX_TEXT = 256
+MAX_ENTRIES = 500
+ID_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}")
+RULESET_NAME = re.compile(r"rulesets/([a-z][a-z0-9_-]{0,63})(?:/versions/([1-9][0-9]{0,8}))?")
+SETTLEMENT_NAME = re.compile(r"settlements/([A-Za-z0-9_-]{1,64})")
+
+
+# ------------------------------------------------------------------ dates and times
+
+
+def to_date(value: date_pb2.Date, field: str, violations: list[Violation]) -> datetime.date | None:
+    try:
+        return datetime.date(value.year, value.month, value.day)
+    except ValueError:
+        violations.append(Violation(field, f"{value.year:04}-{value.month:02}-{value.day:02} is not a date"))
+        return None
+
+
+def from_date(value: datetime.date | str) -> date_pb2.Date:
+    day = datetime.date.fromisoformat(value) if isinstance(value, str) else value
+    return date_pb2.Date(year=day.year, month=day.month, day=day.day)
+
+
+def timestamp(value: datetime.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(datetime.UTC))
+    return stamp
+
+
+# ------------------------------------------------------------------ names
+
+
+def ruleset_name(value: str, field: str, versioned: bool | None) -> tuple[str, int | None]:
+    """Parse "rulesets/{id}" and/or "rulesets/{id}/versions/{n}" (versioned: required / forbidden / either)."""
+    match = RULESET_NAME.fullmatch(value or "")
+    if not match or (versioned is True and not match.group(2)) or (versioned is False and match.group(2)):
+        shape = {
+            True: "rulesets/{ruleset}/versions/{version}",
+            False: "rulesets/{ruleset}",
+            None: "rulesets/{ruleset}[/versions/{version}]",
+        }
+        raise invalid(f"{field} must look like {shape[versioned]}", [Violation(field, f"{value[:80]!r} is not {shape[versioned]}")])
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def version_name(ruleset_id: str, version: int) -> str:
+    return f"rulesets/{ruleset_id}/versions/{version}"
+
+
+def settlement_id(name: str, field: str = "name") -> str:
+    match = SETTLEMENT_NAME.fullmatch(name or "")
+    if not match:
+        raise invalid(f"{field} must look like settlements/{{settlement}}", [Violation(field, f"{name[:80]!r} is not a settlement name")])
+    return match.group(1)
+
+
+# ------------------------------------------------------------------ settlement input
+
+
+def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
+    """The input as plain values: stored verbatim and hashed for idempotency."""
+    return {
+        "contract_id": message.contract_id,
+        "seller_id": message.seller_id,
+        "market": message.market,
+        "period_start_date": _date_text(message.period_start_date),
+        "period_end_date": _date_text(message.period_end_date) if message.HasField("period_end_date") else None,
+        "ruleset": message.ruleset,
+        "metrics": {k: {"value": v.value, "currency_code": v.currency_code} for k, v in sorted(message.metrics.items())},
+        "params": dict(sorted(message.params.items())),
+        "fx_rates": [
+            {
+                "base_currency_code": r.base_currency_code,
+                "quote_currency_code": r.quote_currency_code,
+                "rate": r.rate,
+                "source": r.source,
+                "as_of_date": _date_text(r.as_of_date) if r.HasField("as_of_date") else None,
+            }
+            for r in message.fx_rates
+        ],
+        "active_days": message.active_days if message.HasField("active_days") else None,
+    }
+
+
+def _date_text(value: date_pb2.Date) -> str:
+    return f"{value.year:04}-{value.month:02}-{value.day:02}"
+
+
+def input_from_dict(data: Mapping[str, Any]) -> pb.SettlementInput:
+    """Rebuild the proto input from its stored plain form (replay, impact analysis)."""
+    message = pb.SettlementInput(
+        contract_id=data["contract_id"],
+        seller_id=data["seller_id"],
+        market=data["market"],
+        period_start_date=from_date(data["period_start_date"]),
+        ruleset=data["ruleset"],
+        params=data["params"],
+    )
+    if data.get("period_end_date"):
+        message.period_end_date.CopyFrom(from_date(data["period_end_date"]))
+    for name, value in data["metrics"].items():
+        message.metrics[name].CopyFrom(pb.MetricValue(value=value["value"], currency_code=value["currency_code"]))
+    for rate in data["fx_rates"]:
+        fx = pb.FxRate(
+            base_currency_code=rate["base_currency_code"],
+            quote_currency_code=rate["quote_currency_code"],
+            rate=rate["rate"],
+            source=rate["source"],
+        )
+        if rate.get("as_of_date"):
+            fx.as_of_date.CopyFrom(from_date(rate["as_of_date"]))
+        message.fx_rates.append(fx)
+    if data.get("active_days") is not None:
+        message.active_days = data["active_days"]
+    return message
+
+
+def check_input(message: pb.SettlementInput, field: str) -> list[Violation]:
+    """Shape checks the engine cannot make (ids, sizes); every problem at once."""
+    violations: list[Violation] = []
+    for name in ("contract_id", "seller_id"):
+        value = getattr(message, name)
+        if not ID_TEXT.fullmatch(value):
+            violations.append(
+                Violation(f"{field}.{name}", "required: 1 to 128 letters, digits or ._:/@- (starting with a letter or digit)")
+            )
+    if not message.market or len(message.market) > 8:
+        violations.append(Violation(f"{field}.market", "required: a market code such as US, JP, EU, BR"))
+    if not message.HasField("period_start_date"):
+        violations.append(Violation(f"{field}.period_start_date", "required"))
+    if len(message.metrics) + len(message.params) > MAX_ENTRIES:
+        violations.append(Violation(f"{field}.metrics", f"at most {MAX_ENTRIES} metrics and params together"))
+    for section, values in (("metrics", {k: v.value for k, v in message.metrics.items()}), ("params", dict(message.params))):
+        for key, value in values.items():
+            if len(key) > 64 or len(value) > MAX_TEXT:
+                violations.append(Violation(f"{field}.{section}", f"{key[:64]!r}: names up to 64 and values up to {MAX_TEXT} characters"))
+    if len(message.fx_rates) > 50:
+        violations.append(Violation(f"{field}.fx_rates", "at most 50 FX rates"))
+    if message.HasField("active_days") and message.active_days < 0:
+        violations.append(Violation(f"{field}.active_days", "must not be negative"))
+    return violations
+
+
+def engine_request(message: pb.SettlementInput) -> SettlementRequest:
+    """The engine's request; the caller has run check_input."""
+    start = datetime.date(message.period_start_date.year, message.period_start_date.month, message.period_start_date.day)
+    metrics: dict[str, str | MoneyAmount] = {
+        name: MoneyAmount(value.value, value.currency_code) if value.currency_code else value.value
+        for name, value in message.metrics.items()
+    }
+    rates = [
+        FxRate(r.base_currency_code, r.quote_currency_code, r.rate, r.source, _date_text(r.as_of_date) if r.HasField("as_of_date") else "")
+        for r in message.fx_rates
+    ]
+    active = message.active_days if message.HasField("active_days") else None
+    return SettlementRequest(message.market, start, metrics, dict(message.params), active, tuple(rates))
+
+
+def fingerprint_payload(message: pb.SettlementInput, expected_revision: int | None) -> bytes:
+    return canonical_json({"input": input_dict(message), "expected_revision": expected_revision})
+
+
+# ------------------------------------------------------------------ decisions
+
+
+def settlement_message(
+    decision: Mapping[str, Any], record: SettlementRecord | None, deltas: Sequence[Mapping[str, str]], input_json: bytes
+) -> pb.Settlement:
+    """A Settlement from the canonical decision (and, when stored, its record)."""
+    currency = decision["currency"]
+    message = pb.Settlement(
+        market=decision["market"],
+        period_start_date=from_date(decision["period"]["start"]),
+        period_end_date=from_date(decision["period"]["end"]),
+        ruleset_version=version_name(decision["ruleset"]["id"], decision["ruleset"]["version"] or 0),
+        ruleset_content_hash=decision["ruleset"]["content_hash"],
+        engine_version=decision["engine_version"],
+        currency_code=currency,
+        total=pb.Money(amount=decision["total"], currency_code=currency),
+        lines=[
+            pb.Line(
+                id=line["id"],
+                kind=line["kind"],
+                label=line["label"]["en"],
+                label_zh=line["label"]["zh"],
+                basis=line["basis"] or "",
+                rate=line["rate"] or "",
+                exact_amount=line["exact"],
+                amount=pb.Money(amount=line["amount"], currency_code=currency),
+                waived_by=line["waived_by"],
+            )
+            for line in decision["lines"]
+        ],
+        deltas=[pb.LineDelta(**delta) for delta in deltas],
+        exemptions=[pb.ExemptionOutcome(name=e["name"], applied=e["applied"], evidence=e["evidence"]) for e in decision["exemptions"]],
+        kpis=[pb.KpiValue(name=k["name"], value=k["value"]) for k in decision["kpis"]],
+        rules=[pb.RuleOutcome(rule=r["rule"], kind=r["kind"], fired=r["fired"], evidence=r["evidence"]) for r in decision["rules"]],
+        warnings=[
+            pb.SettlementWarning(id=w["id"], message=w["message"]["en"], message_zh=w["message"]["zh"], evidence=w["evidence"])
+            for w in decision["warnings"]
+        ],
+        fx_conversions=[
+            pb.FxConversion(
+                metric=f["metric"],
+                rate=pb.FxRate(base_currency_code=f["base"], quote_currency_code=f["quote"], rate=f["rate"], source=f["source"]),
+                amount=f["amount"],
+                converted_amount=f["converted"],
+            )
+            for f in decision["fx_rates"]
+        ],
+        input_json=input_json.decode("utf-8"),
+        decision_json=canonical_json(decision).decode("utf-8"),
+    )
+    if record is not None:
+        data = record.data
+        message.name = f"settlements/{record.settlement_id}"
+        message.contract_id = data.contract_id
+        message.seller_id = data.seller_id
+        message.revision = record.revision
+        message.supersedes = f"settlements/{record.supersedes_id}" if record.supersedes_id else ""
+        message.request_id = data.request_id
+        message.principal = data.principal
+        message.chain_sequence = record.chain_seq
+        message.record_hash = record.record_hash
+        message.previous_hash = record.previous_hash
+        message.create_time.CopyFrom(timestamp(record.create_time))
+    return message
+
+
+def line_deltas(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Per-line changes against the superseded decision, in the order of the current lines."""
+    if previous is None:
+        return []
+    before = {line["id"]: Decimal(line["amount"]) for line in previous["lines"]}
+    after = {line["id"]: Decimal(line["amount"]) for line in current["lines"]}
+    ids = [line["id"] for line in current["lines"]] + [i for i in before if i not in after]
+    return [
+        {
+            "id": line_id,
+            "previous_amount": plain(before.get(line_id, Decimal(0))),
+            "amount": plain(after.get(line_id, Decimal(0))),
+            "delta": plain(after.get(line_id, Decimal(0)) - before.get(line_id, Decimal(0))),
+        }
+        for line_id in ids
+    ]
+
+
+def load_json(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
+# ------------------------------------------------------------------ ruleset versions
+
+_STATES = {
+    VersionStatus.DRAFT: pb.RulesetVersion.DRAFT,
+    VersionStatus.APPROVED: pb.RulesetVersion.APPROVED,
+    VersionStatus.RETIRED: pb.RulesetVersion.RETIRED,
+}
+
+
+def ruleset_version_message(
+    record: RulesetVersionRecord,
+    events: Sequence[LifecycleEvent],
+    *,
+    title: str,
+    currency: str,
+    warnings: Sequence[pb.RulesetProblem],
+    examples_pass: bool,
+    with_source: bool = True,
+) -> pb.RulesetVersion:
+    message = pb.RulesetVersion(
+        name=version_name(record.ruleset_id, record.version),
+        source=record.source if with_source else "",
+        content_hash=record.content_hash,
+        state=_STATES[record.status],
+        effective_from_date=from_date(record.effective_from),
+        title=title,
+        currency_code=currency,
+        author=record.author,
+        approver=record.approver or "",
+        warnings=warnings,
+        examples_pass=examples_pass,
+        events=[pb.LifecycleEvent(action=e.action.value, principal=e.principal, time=timestamp(e.time), note=e.note) for e in events],
+    )
+    message.create_time.CopyFrom(timestamp(record.create_time))
+    if record.approve_time:
+        message.approve_time.CopyFrom(timestamp(record.approve_time))
+    if record.retire_time:
+        message.retire_time.CopyFrom(timestamp(record.retire_time))
+    return message

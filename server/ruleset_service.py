@@ -1,0 +1,231 @@
+"""RulesetService: validation, versions, four-eyes approval, diff and impact (SPEC §6)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import grpc
+from kpisettle.v1 import resources_pb2 as pb
+from kpisettle.v1 import ruleset_service_pb2 as rs
+from kpisettle.v1 import ruleset_service_pb2_grpc as rs_grpc
+
+from engine import Problem, RequestInvalid, ValidationReport, validate_ruleset
+from engine.diff import diff_rulesets
+from engine.money import plain
+from server import convert
+from server.auth import current_principal
+from server.errors import ServiceError, Violation, invalid, problem_violations, rpc_errors
+from server.paging import decode_token, encode_token, page_size
+from server.storage.interface import LifecycleAction, RulesetVersionRecord, Store, VersionStatus
+from server.versions import VersionRegistry
+
+MAX_SOURCE_CHARS = 256 * 1024
+
+
+def problem_message(problem: Problem) -> pb.RulesetProblem:
+    return pb.RulesetProblem(
+        code=problem.code,
+        path=problem.path,
+        message=problem.message,
+        severity=problem.severity.value.upper(),
+        line=problem.line,
+        column=problem.column,
+    )
+
+
+def _source(text: str) -> str:
+    if not text.strip():
+        raise invalid("source is required", [Violation("source", "the ruleset text is empty")])
+    if len(text) > MAX_SOURCE_CHARS:
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "RULESET_TOO_LARGE", f"a ruleset may have at most {MAX_SOURCE_CHARS} characters"
+        )
+    return text
+
+
+class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
+    def __init__(self, store: Store, registry: VersionRegistry) -> None:
+        self._store = store
+        self._registry = registry
+        self._reports: dict[str, ValidationReport] = {}
+
+    def _report(self, source: str) -> ValidationReport:
+        """Validation of a stored source; sources never change, so reports are cached by text."""
+        report = self._reports.get(source)
+        if report is None:
+            report = self._reports[source] = validate_ruleset(source)
+        return report
+
+    def _message(self, record: RulesetVersionRecord, with_source: bool = True) -> pb.RulesetVersion:
+        report = self._report(record.source)
+        compiled = self._registry.compiled(record)
+        events = self._store.lifecycle_events(record.tenant, record.ruleset_id, record.version)
+        return convert.ruleset_version_message(
+            record,
+            events,
+            title=compiled.ruleset.title,
+            currency=compiled.ruleset.currency,
+            warnings=[problem_message(p) for p in report.warnings],
+            examples_pass=report.examples_pass,
+            with_source=with_source,
+        )
+
+    @rpc_errors
+    def ValidateRuleset(self, request: rs.ValidateRulesetRequest, context: grpc.ServicerContext) -> rs.ValidateRulesetResponse:
+        report = validate_ruleset(_source(request.source))
+        return rs.ValidateRulesetResponse(
+            valid=report.valid,
+            examples_pass=report.examples_pass,
+            problems=[problem_message(p) for p in report.problems],
+            examples=[
+                rs.ExampleResult(
+                    name=o.name, passed=o.passed, mismatches=[f"{m.field}: expected {m.expected}, got {m.actual}" for m in o.mismatches]
+                )
+                for o in report.examples
+            ],
+            ruleset_id=report.ruleset_id or "",
+            content_hash=report.content_hash or "",
+        )
+
+    @rpc_errors
+    def CreateRulesetVersion(
+        self, request: rs.CreateRulesetVersionRequest, context: grpc.ServicerContext
+    ) -> rs.CreateRulesetVersionResponse:
+        source = _source(request.source)
+        report = validate_ruleset(source)
+        if not report.valid or report.ruleset_id is None:
+            errors = [p for p in report.errors if p.code != "example.failed"]
+            raise invalid("the ruleset is invalid", problem_violations(errors, "source."), "RULESET_INVALID")
+        assert report.effective_from is not None
+        principal = current_principal()
+        record = self._store.create_ruleset_version(
+            principal.tenant, report.ruleset_id, source, report.content_hash or "", report.effective_from, principal.name
+        )
+        self._reports[source] = report
+        return rs.CreateRulesetVersionResponse(ruleset_version=self._message(record))
+
+    def _record(self, name: str, field: str = "name") -> RulesetVersionRecord:
+        ruleset_id, version = convert.ruleset_name(name, field, versioned=True)
+        assert version is not None
+        return self._store.get_ruleset_version(current_principal().tenant, ruleset_id, version)
+
+    @rpc_errors
+    def ApproveRulesetVersion(
+        self, request: rs.ApproveRulesetVersionRequest, context: grpc.ServicerContext
+    ) -> rs.ApproveRulesetVersionResponse:
+        record = self._record(request.name)
+        principal = current_principal()
+        if record.status is not VersionStatus.DRAFT:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, "NOT_A_DRAFT", f"{request.name} is {record.status.value}; only a DRAFT can be approved"
+            )
+        if record.author == principal.name:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "FOUR_EYES",
+                f"{principal.name} created {request.name}; another principal must approve it",
+            )
+        report = self._report(record.source)
+        if not report.examples_pass:
+            failures = [p for p in report.errors if p.code == "example.failed"] or list(report.errors)
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "EXAMPLES_FAIL",
+                f"{request.name} cannot be approved: its examples do not pass",
+                problem_violations(failures, "source."),
+            )
+        updated = self._store.record_lifecycle(
+            principal.tenant, record.ruleset_id, record.version, LifecycleAction.APPROVED, principal.name, request.note
+        )
+        return rs.ApproveRulesetVersionResponse(ruleset_version=self._message(updated))
+
+    @rpc_errors
+    def RetireRulesetVersion(
+        self, request: rs.RetireRulesetVersionRequest, context: grpc.ServicerContext
+    ) -> rs.RetireRulesetVersionResponse:
+        record = self._record(request.name)
+        principal = current_principal()
+        if record.status is VersionStatus.RETIRED:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_RETIRED", f"{request.name} is already RETIRED")
+        updated = self._store.record_lifecycle(
+            principal.tenant, record.ruleset_id, record.version, LifecycleAction.RETIRED, principal.name, request.note
+        )
+        return rs.RetireRulesetVersionResponse(ruleset_version=self._message(updated))
+
+    @rpc_errors
+    def GetRulesetVersion(self, request: rs.GetRulesetVersionRequest, context: grpc.ServicerContext) -> rs.GetRulesetVersionResponse:
+        return rs.GetRulesetVersionResponse(ruleset_version=self._message(self._record(request.name)))
+
+    @rpc_errors
+    def ListRulesetVersions(self, request: rs.ListRulesetVersionsRequest, context: grpc.ServicerContext) -> rs.ListRulesetVersionsResponse:
+        if request.parent == "rulesets/-":
+            ruleset_id = None
+        else:
+            ruleset_id, _ = convert.ruleset_name(request.parent, "parent", versioned=False)
+        size = page_size(request.page_size)
+        after = decode_token("rulesets", request.page_token)
+        records = self._store.list_ruleset_versions(current_principal().tenant, ruleset_id, size + 1, tuple(after) if after else None)
+        more = len(records) > size
+        records = records[:size]
+        token = encode_token("rulesets", [records[-1].ruleset_id, records[-1].version]) if more and records else ""
+        return rs.ListRulesetVersionsResponse(
+            ruleset_versions=[self._message(r, with_source=False) for r in records], next_page_token=token
+        )
+
+    @rpc_errors
+    def DiffRulesetVersions(self, request: rs.DiffRulesetVersionsRequest, context: grpc.ServicerContext) -> rs.DiffRulesetVersionsResponse:
+        old, new = self._record(request.name), self._record(request.other_name, "other_name")
+        changes = diff_rulesets(old.source, new.source)
+        return rs.DiffRulesetVersionsResponse(
+            changes=[
+                rs.RulesetChange(change=c.change, path=c.path, description=c.description, before=c.before, after=c.after) for c in changes
+            ]
+        )
+
+    @rpc_errors
+    def AnalyzeImpact(self, request: rs.AnalyzeImpactRequest, context: grpc.ServicerContext) -> rs.AnalyzeImpactResponse:
+        candidate = self._record(request.candidate, "candidate")
+        violations: list[Violation] = []
+        start = convert.to_date(request.period_start_from_date, "period_start_from_date", violations)
+        end = convert.to_date(request.period_start_to_date, "period_start_to_date", violations)
+        if violations:
+            raise invalid("the period range is invalid", violations)
+        assert start is not None and end is not None
+        if end < start:
+            raise invalid("the period range is empty", [Violation("period_start_to_date", "is before period_start_from_date")])
+        compiled = self._registry.compiled(candidate)
+        response = rs.AnalyzeImpactResponse()
+        sums: dict[str, list[Decimal]] = {}
+        for stored in self._store.settlements_in_period(current_principal().tenant, start, end):
+            if not context.is_active():
+                break
+            data = stored.data
+            if data.ruleset_id != candidate.ruleset_id:
+                continue
+            impact = rs.SettlementImpact(
+                settlement=f"settlements/{stored.settlement_id}",
+                contract_id=data.contract_id,
+                period_start_date=convert.from_date(data.period_start),
+                old_total=pb.Money(amount=data.total, currency_code=data.currency),
+            )
+            response.settlements_analyzed += 1
+            try:
+                message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
+                decision = compiled.settle(convert.engine_request(message))
+            except RequestInvalid as exc:
+                impact.error = "; ".join(f"{p.code}: {p.message}" for p in exc.problems)
+                response.settlements_failed += 1
+                response.impacts.append(impact)
+                continue
+            impact.new_total.CopyFrom(pb.Money(amount=plain(decision.total), currency_code=decision.currency))
+            impact.delta = plain(decision.total - Decimal(data.total)) if decision.currency == data.currency else ""
+            response.impacts.append(impact)
+            if decision.currency == data.currency:
+                pair = sums.setdefault(data.currency, [Decimal(0), Decimal(0)])
+                pair[0] += Decimal(data.total)
+                pair[1] += decision.total
+        response.totals.extend(
+            rs.ImpactTotal(currency_code=code, old_total=plain(old), new_total=plain(new), delta=plain(new - old))
+            for code, (old, new) in sorted(sums.items())
+        )
+        return response

@@ -1,0 +1,1 @@
+"""Storage behind a narrow interface (server.storage.interface.Store)."""

@@ -1,0 +1,859 @@
+"""The SQL store (SQLAlchemy 2 Core): an embedded SQLite file by default, PostgreSQL in production.
+
+Concurrency model (the same guarantees on both databases, with threads or processes):
+
+- Every write transaction first takes its tenant's chain lock, and does all its checks
+  (version numbering, lifecycle transitions, revision and request-id checks) after it, so
+  the writes of one tenant are serialized and each one sees everything committed before.
+  On PostgreSQL the lock is the tenant's `chain_heads` row (``SELECT … FOR UPDATE``; the
+  row is inserted with ``ON CONFLICT DO NOTHING`` on the tenant's first write), taken
+  first in a READ COMMITTED transaction. On SQLite every write transaction starts with
+  ``BEGIN IMMEDIATE`` (the database's single writer lock, waited for up to the busy
+  timeout; the threads of one process first queue on an in-process lock, because SQLite's
+  busy handler polls), reads start with a deferred ``BEGIN``; the file runs in WAL mode so
+  readers never block the writer. A write that cannot get its lock within the store's
+  `lock_timeout` (10 s by default) raises `StoreBusy` (a StoreError; retryable).
+- Unique constraints back every rule the checks enforce (request id per tenant, revision
+  per contract and period, one successor per revision, version per ruleset, chain seq per
+  tenant), so a violation that slipped past them would fail the transaction, never
+  store a second row.
+- Migrations run to head in `open_store`, under a transaction-scoped advisory lock on
+  PostgreSQL and inside a ``BEGIN IMMEDIATE`` transaction on SQLite, so several processes
+  may start at once.
+
+Orders: `list_ruleset_versions` by (ruleset_id, version); `list_settlements` and
+`settlements_in_period` by (period_start, contract_id, revision), which is a total order
+within a tenant (unique), and `after` is the last returned row's
+(period_start, contract_id, revision).
+
+Timestamps are stored as TIMESTAMP WITH TIME ZONE on PostgreSQL and as UTC text with
+microseconds on SQLite, and always come back timezone-aware in UTC.
+"""
+
+from __future__ import annotations
+
+import datetime
+import heapq
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from server.storage.chain import (
+    GENESIS_HASH,
+    KIND_LIFECYCLE_EVENT,
+    KIND_RULESET_VERSION,
+    KIND_SETTLEMENT,
+    ChainReport,
+    canonical_content,
+    link_hash,
+    verify_chain,
+)
+from server.storage.interface import (
+    ChainEntry,
+    Conflict,
+    LifecycleAction,
+    LifecycleEvent,
+    NewSettlement,
+    NotFound,
+    RulesetVersionRecord,
+    SettlementFilter,
+    SettlementRecord,
+    StoreError,
+    VersionStatus,
+)
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+MAX_PAGE_SIZE: Final = 1000
+STREAM_BATCH: Final = 500
+WRITE_LOCK_TIMEOUT_S: Final = 10.0  # waiting for a tenant's chain lock (PostgreSQL) or the write lock (SQLite)
+MIGRATION_LOCK_KEY: Final = 0x6B7069736574746C  # "kpisettl": pg advisory lock key for migrations
+
+_WRITE_OPTION: Final = "kpisettle_write"
+
+Clock = Callable[[], datetime.datetime]
+
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime.datetime]):
+    """A timezone-aware UTC timestamp with microseconds, identical on PostgreSQL and SQLite."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime.datetime | None, dialect: sa.Dialect) -> datetime.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("timestamps must be timezone-aware")
+        value = value.astimezone(datetime.UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime.datetime | None, dialect: sa.Dialect) -> datetime.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=datetime.UTC)
+        return value.astimezone(datetime.UTC)
+
+
+# The schema as the code sees it. The migrations in server/storage/migrations create it;
+# tests/test_storage.py checks that the two agree.
+metadata = sa.MetaData()
+
+chain_heads = sa.Table(
+    "chain_heads",
+    metadata,
+    sa.Column("tenant", sa.String, nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_hash", sa.String(64), nullable=False),
+    sa.PrimaryKeyConstraint("tenant", name="pk_chain_heads"),
+)
+
+ruleset_versions = sa.Table(
+    "ruleset_versions",
+    metadata,
+    sa.Column("tenant", sa.String, nullable=False),
+    sa.Column("ruleset_id", sa.String, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("content_hash", sa.String, nullable=False),
+    sa.Column("effective_from", sa.Date, nullable=False),
+    sa.Column("author", sa.String, nullable=False),
+    sa.Column("create_time", UTCDateTime, nullable=False),
+    sa.Column("chain_seq", sa.BigInteger, nullable=False),
+    sa.Column("previous_hash", sa.String(64), nullable=False),
+    sa.Column("record_hash", sa.String(64), nullable=False),
+    sa.PrimaryKeyConstraint("tenant", "ruleset_id", "version", name="pk_ruleset_versions"),
+    sa.UniqueConstraint("tenant", "chain_seq", name="uq_ruleset_versions_chain_seq"),
+)
+
+lifecycle_events = sa.Table(
+    "lifecycle_events",
+    metadata,
+    sa.Column("tenant", sa.String, nullable=False),
+    sa.Column("ruleset_id", sa.String, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("principal", sa.String, nullable=False),
+    sa.Column("event_time", UTCDateTime, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("chain_seq", sa.BigInteger, nullable=False),
+    sa.Column("previous_hash", sa.String(64), nullable=False),
+    sa.Column("record_hash", sa.String(64), nullable=False),
+    sa.PrimaryKeyConstraint("tenant", "ruleset_id", "version", "action", name="pk_lifecycle_events"),
+    sa.UniqueConstraint("tenant", "chain_seq", name="uq_lifecycle_events_chain_seq"),
+    sa.ForeignKeyConstraint(
+        ["tenant", "ruleset_id", "version"],
+        ["ruleset_versions.tenant", "ruleset_versions.ruleset_id", "ruleset_versions.version"],
+        name="fk_lifecycle_events_version",
+    ),
+)
+
+settlements = sa.Table(
+    "settlements",
+    metadata,
+    sa.Column("settlement_id", sa.String(32), nullable=False),
+    sa.Column("tenant", sa.String, nullable=False),
+    sa.Column("request_id", sa.String, nullable=False),
+    sa.Column("request_fingerprint", sa.String, nullable=False),
+    sa.Column("contract_id", sa.String, nullable=False),
+    sa.Column("seller_id", sa.String, nullable=False),
+    sa.Column("market", sa.String, nullable=False),
+    sa.Column("period_start", sa.Date, nullable=False),
+    sa.Column("period_end", sa.Date, nullable=False),
+    sa.Column("ruleset_id", sa.String, nullable=False),
+    sa.Column("ruleset_version", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.String, nullable=False),
+    sa.Column("engine_version", sa.String, nullable=False),
+    sa.Column("currency", sa.String, nullable=False),
+    sa.Column("total", sa.Text, nullable=False),
+    sa.Column("request_json", sa.LargeBinary, nullable=False),
+    sa.Column("decision_json", sa.LargeBinary, nullable=False),
+    sa.Column("deltas_json", sa.LargeBinary, nullable=False),
+    sa.Column("principal", sa.String, nullable=False),
+    sa.Column("expected_revision", sa.Integer, nullable=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("supersedes_id", sa.String(32), nullable=True),
+    sa.Column("create_time", UTCDateTime, nullable=False),
+    sa.Column("chain_seq", sa.BigInteger, nullable=False),
+    sa.Column("previous_hash", sa.String(64), nullable=False),
+    sa.Column("record_hash", sa.String(64), nullable=False),
+    sa.PrimaryKeyConstraint("settlement_id", name="pk_settlements"),
+    sa.UniqueConstraint("tenant", "request_id", name="uq_settlements_request_id"),
+    sa.UniqueConstraint("tenant", "period_start", "contract_id", "revision", name="uq_settlements_revision"),
+    sa.UniqueConstraint("supersedes_id", name="uq_settlements_supersedes_id"),
+    sa.UniqueConstraint("tenant", "chain_seq", name="uq_settlements_chain_seq"),
+    sa.ForeignKeyConstraint(["supersedes_id"], ["settlements.settlement_id"], name="fk_settlements_supersedes"),
+    sa.Index("ix_settlements_contract", "tenant", "contract_id", "period_start"),
+    sa.Index("ix_settlements_seller", "tenant", "seller_id", "period_start"),
+)
+
+_ALLOWED_TRANSITIONS: Final[Mapping[LifecycleAction, frozenset[VersionStatus]]] = {
+    LifecycleAction.APPROVED: frozenset({VersionStatus.DRAFT}),
+    LifecycleAction.RETIRED: frozenset({VersionStatus.DRAFT, VersionStatus.APPROVED}),
+}
+
+
+class StoreBusy(StoreError):
+    """The write lock was not had in time (another writer holds it); worth retrying (UNAVAILABLE)."""
+
+
+def _is_lock_timeout(exc: OperationalError) -> bool:
+    if getattr(exc.orig, "sqlstate", None) == "55P03":  # PostgreSQL lock_not_available
+        return True
+    message = str(exc.orig).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+class _ChainWriter:
+    """Appends links to one tenant's chain inside a write transaction that holds its lock."""
+
+    def __init__(self, conn: Connection, tenant: str, seq: int, last_hash: str) -> None:
+        self.conn = conn
+        self.tenant = tenant
+        self.seq = seq
+        self.last_hash = last_hash
+        self.start_seq = seq
+
+    def append(self, table: sa.Table, kind: str, values: Mapping[str, object]) -> dict[str, object]:
+        row: dict[str, object] = {column.name: values.get(column.name) for column in table.columns}
+        unknown = set(values) - set(row)
+        if unknown:
+            raise ValueError(f"unknown columns for {table.name}: {sorted(unknown)}")
+        row["tenant"] = self.tenant
+        row["chain_seq"] = self.seq + 1
+        row["previous_hash"] = self.last_hash
+        row["record_hash"] = link_hash(self.last_hash, canonical_content(kind, row))
+        self.conn.execute(table.insert().values(row))
+        self.seq += 1
+        self.last_hash = str(row["record_hash"])
+        return row
+
+    def save_head(self) -> None:
+        if self.seq != self.start_seq:
+            self.conn.execute(
+                chain_heads.update().where(chain_heads.c.tenant == self.tenant).values(last_seq=self.seq, last_hash=self.last_hash)
+            )
+
+
+def _check_page_size(page_size: int) -> int:
+    if page_size < 1:
+        raise ValueError("page_size must be at least 1")
+    return min(page_size, MAX_PAGE_SIZE)
+
+
+def _check_date(value: object, name: str) -> None:
+    if isinstance(value, datetime.datetime) or not isinstance(value, datetime.date):
+        raise TypeError(f"{name} must be a datetime.date")
+
+
+class SqlStore:
+    """`server.storage.interface.Store` on SQLAlchemy 2 (SQLite or PostgreSQL). Thread-safe."""
+
+    def __init__(self, engine: Engine, clock: Clock | None = None, *, lock_timeout: float = WRITE_LOCK_TIMEOUT_S) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{_WRITE_OPTION: True})
+        self._postgres = engine.dialect.name == "postgresql"
+        self._clock: Clock = clock or _utc_now
+        self._lock_timeout = lock_timeout  # SQLite: the engine's busy timeout should match (create_engine_for)
+        # SQLite has one writer at a time and its busy handler polls: the threads of this
+        # process queue on a lock instead, and only other processes meet the busy handler.
+        self._local_write_lock = None if self._postgres else threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _now(self) -> datetime.datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the store's clock must return timezone-aware datetimes")
+        return now.astimezone(datetime.UTC)
+
+    @contextmanager
+    def _write(self, tenant: str) -> Iterator[_ChainWriter]:
+        """One write transaction holding `tenant`'s chain lock; commits on success.
+
+        StoreBusy when the lock is not had within the store's lock timeout."""
+        busy = f"no write lock on the database within {self._lock_timeout:g} s"
+        local = self._local_write_lock
+        if local is not None and not local.acquire(timeout=self._lock_timeout):
+            raise StoreBusy(busy)
+        try:
+            with self._writer.begin() as conn:
+                head = sa.select(chain_heads.c.last_seq, chain_heads.c.last_hash).where(chain_heads.c.tenant == tenant)
+                if self._postgres:
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{max(1, int(self._lock_timeout * 1000))}ms'"))
+                    row = conn.execute(head.with_for_update()).one_or_none()
+                    if row is None:
+                        conn.execute(
+                            pg_insert(chain_heads)
+                            .values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH)
+                            .on_conflict_do_nothing(index_elements=["tenant"])
+                        )
+                        row = conn.execute(head.with_for_update()).one()
+                else:  # BEGIN IMMEDIATE already holds the database's write lock
+                    row = conn.execute(head).one_or_none()
+                    if row is None:
+                        conn.execute(chain_heads.insert().values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH))
+                        row = conn.execute(head).one()
+                writer = _ChainWriter(conn, tenant, int(row.last_seq), str(row.last_hash))
+                yield writer
+                writer.save_head()
+        except OperationalError as exc:
+            if _is_lock_timeout(exc):
+                raise StoreBusy(busy) from exc
+            raise
+        finally:
+            if local is not None:
+                local.release()
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A read transaction whose statements all see one snapshot."""
+        with self._engine.connect() as conn:
+            if self._postgres:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+    # -- ruleset versions ---------------------------------------------------------------
+
+    def _versions_query(self, tenant: str) -> sa.Select[Any]:
+        v = ruleset_versions
+        approved = lifecycle_events.alias("approved")
+        retired = lifecycle_events.alias("retired")
+
+        def joined(alias: sa.FromClause, action: LifecycleAction) -> sa.ColumnElement[bool]:
+            return sa.and_(
+                alias.c.tenant == v.c.tenant,
+                alias.c.ruleset_id == v.c.ruleset_id,
+                alias.c.version == v.c.version,
+                alias.c.action == action.value,
+            )
+
+        return (
+            sa.select(
+                v.c.tenant,
+                v.c.ruleset_id,
+                v.c.version,
+                v.c.source,
+                v.c.content_hash,
+                v.c.effective_from,
+                v.c.author,
+                v.c.create_time,
+                approved.c.principal.label("approver"),
+                approved.c.event_time.label("approve_time"),
+                retired.c.event_time.label("retire_time"),
+            )
+            .select_from(
+                v.outerjoin(approved, joined(approved, LifecycleAction.APPROVED)).outerjoin(
+                    retired, joined(retired, LifecycleAction.RETIRED)
+                )
+            )
+            .where(v.c.tenant == tenant)
+        )
+
+    @staticmethod
+    def _version_record(row: sa.Row[Any]) -> RulesetVersionRecord:
+        if row.retire_time is not None:
+            status = VersionStatus.RETIRED
+        elif row.approve_time is not None:
+            status = VersionStatus.APPROVED
+        else:
+            status = VersionStatus.DRAFT
+        return RulesetVersionRecord(
+            tenant=row.tenant,
+            ruleset_id=row.ruleset_id,
+            version=row.version,
+            source=row.source,
+            content_hash=row.content_hash,
+            effective_from=row.effective_from,
+            author=row.author,
+            create_time=row.create_time,
+            status=status,
+            approver=row.approver,
+            approve_time=row.approve_time,
+            retire_time=row.retire_time,
+        )
+
+    def _load_version(self, conn: Connection, tenant: str, ruleset_id: str, version: int) -> RulesetVersionRecord:
+        query = self._versions_query(tenant).where(ruleset_versions.c.ruleset_id == ruleset_id, ruleset_versions.c.version == version)
+        row = conn.execute(query).one_or_none()
+        if row is None:
+            raise NotFound(f"ruleset {ruleset_id!r} has no version {version}")
+        return self._version_record(row)
+
+    def create_ruleset_version(
+        self, tenant: str, ruleset_id: str, source: str, content_hash: str, effective_from: datetime.date, author: str
+    ) -> RulesetVersionRecord:
+        _check_date(effective_from, "effective_from")
+        with self._write(tenant) as chain:
+            v = ruleset_versions
+            last = chain.conn.execute(
+                sa.select(sa.func.max(v.c.version)).where(v.c.tenant == tenant, v.c.ruleset_id == ruleset_id)
+            ).scalar_one_or_none()
+            version = (last or 0) + 1
+            now = self._now()
+            chain.append(
+                v,
+                KIND_RULESET_VERSION,
+                {
+                    "ruleset_id": ruleset_id,
+                    "version": version,
+                    "source": source,
+                    "content_hash": content_hash,
+                    "effective_from": effective_from,
+                    "author": author,
+                    "create_time": now,
+                },
+            )
+            chain.append(
+                lifecycle_events,
+                KIND_LIFECYCLE_EVENT,
+                {
+                    "ruleset_id": ruleset_id,
+                    "version": version,
+                    "action": LifecycleAction.CREATED.value,
+                    "principal": author,
+                    "event_time": now,
+                    "note": "",
+                },
+            )
+        return RulesetVersionRecord(
+            tenant=tenant,
+            ruleset_id=ruleset_id,
+            version=version,
+            source=source,
+            content_hash=content_hash,
+            effective_from=effective_from,
+            author=author,
+            create_time=now,
+            status=VersionStatus.DRAFT,
+        )
+
+    def get_ruleset_version(self, tenant: str, ruleset_id: str, version: int) -> RulesetVersionRecord:
+        with self._engine.connect() as conn:
+            return self._load_version(conn, tenant, ruleset_id, version)
+
+    def list_ruleset_versions(
+        self, tenant: str, ruleset_id: str | None, page_size: int, after: tuple[str, int] | None
+    ) -> list[RulesetVersionRecord]:
+        limit = _check_page_size(page_size)
+        v = ruleset_versions
+        query = self._versions_query(tenant)
+        if ruleset_id is not None:
+            query = query.where(v.c.ruleset_id == ruleset_id)
+        if after is not None:
+            query = query.where(sa.tuple_(v.c.ruleset_id, v.c.version) > sa.tuple_(sa.literal(after[0]), sa.literal(after[1])))
+        query = query.order_by(v.c.ruleset_id, v.c.version).limit(limit)
+        with self._engine.connect() as conn:
+            return [self._version_record(row) for row in conn.execute(query)]
+
+    def record_lifecycle(
+        self, tenant: str, ruleset_id: str, version: int, action: LifecycleAction, principal: str, note: str = ""
+    ) -> RulesetVersionRecord:
+        action = LifecycleAction(action)
+        with self._write(tenant) as chain:
+            current = self._load_version(chain.conn, tenant, ruleset_id, version)
+            allowed = _ALLOWED_TRANSITIONS.get(action, frozenset())
+            if current.status not in allowed:
+                raise Conflict(
+                    "INVALID_TRANSITION",
+                    f"{ruleset_id}@{version} is {current.status.value}; it cannot become {action.value}",
+                )
+            chain.append(
+                lifecycle_events,
+                KIND_LIFECYCLE_EVENT,
+                {
+                    "ruleset_id": ruleset_id,
+                    "version": version,
+                    "action": action.value,
+                    "principal": principal,
+                    "event_time": self._now(),
+                    "note": note,
+                },
+            )
+            return self._load_version(chain.conn, tenant, ruleset_id, version)
+
+    def lifecycle_events(self, tenant: str, ruleset_id: str, version: int) -> list[LifecycleEvent]:
+        e = lifecycle_events
+        with self._engine.connect() as conn:
+            self._load_version(conn, tenant, ruleset_id, version)  # NotFound for a missing version
+            rows = conn.execute(
+                sa.select(e).where(e.c.tenant == tenant, e.c.ruleset_id == ruleset_id, e.c.version == version).order_by(e.c.chain_seq)
+            )
+            return [
+                LifecycleEvent(
+                    tenant=row.tenant,
+                    ruleset_id=row.ruleset_id,
+                    version=row.version,
+                    action=LifecycleAction(row.action),
+                    principal=row.principal,
+                    time=row.event_time,
+                    note=row.note,
+                )
+                for row in rows
+            ]
+
+    # -- settlements --------------------------------------------------------------------
+
+    @staticmethod
+    def _settlement_record(row: sa.Row[Any]) -> SettlementRecord:
+        return SettlementRecord(
+            settlement_id=row.settlement_id,
+            revision=row.revision,
+            supersedes_id=row.supersedes_id,
+            create_time=row.create_time,
+            chain_seq=row.chain_seq,
+            record_hash=row.record_hash,
+            previous_hash=row.previous_hash,
+            data=NewSettlement(
+                tenant=row.tenant,
+                request_id=row.request_id,
+                request_fingerprint=row.request_fingerprint,
+                contract_id=row.contract_id,
+                seller_id=row.seller_id,
+                market=row.market,
+                period_start=row.period_start,
+                period_end=row.period_end,
+                ruleset_id=row.ruleset_id,
+                ruleset_version=row.ruleset_version,
+                content_hash=row.content_hash,
+                engine_version=row.engine_version,
+                currency=row.currency,
+                total=row.total,
+                request_json=bytes(row.request_json),
+                decision_json=bytes(row.decision_json),
+                deltas_json=bytes(row.deltas_json),
+                principal=row.principal,
+                expected_revision=row.expected_revision,
+            ),
+        )
+
+    def _one_settlement(self, where: sa.ColumnElement[bool], conn: Connection | None = None) -> SettlementRecord | None:
+        query = sa.select(settlements).where(where)
+        if conn is not None:
+            row = conn.execute(query).one_or_none()
+        else:
+            with self._engine.connect() as own:
+                row = own.execute(query).one_or_none()
+        return None if row is None else self._settlement_record(row)
+
+    def settlement_by_request(self, tenant: str, request_id: str) -> SettlementRecord | None:
+        s = settlements
+        return self._one_settlement(sa.and_(s.c.tenant == tenant, s.c.request_id == request_id))
+
+    def _latest_query(self, tenant: str, contract_id: str, period_start: datetime.date) -> sa.Select[Any]:
+        s = settlements
+        return (
+            sa.select(s)
+            .where(s.c.tenant == tenant, s.c.contract_id == contract_id, s.c.period_start == period_start)
+            .order_by(s.c.revision.desc())
+            .limit(1)
+        )
+
+    def latest_settlement(self, tenant: str, contract_id: str, period_start: datetime.date) -> SettlementRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(self._latest_query(tenant, contract_id, period_start)).one_or_none()
+        return None if row is None else self._settlement_record(row)
+
+    def get_settlement(self, tenant: str, settlement_id: str) -> SettlementRecord:
+        s = settlements
+        record = self._one_settlement(sa.and_(s.c.tenant == tenant, s.c.settlement_id == settlement_id))
+        if record is None:
+            raise NotFound(f"no settlement {settlement_id!r}")
+        return record
+
+    def append_settlement(self, new: NewSettlement, supersedes: SettlementRecord | None) -> SettlementRecord:
+        """Append the next revision of (tenant, contract_id, period_start) in one transaction.
+
+        Checks, in this order, under the tenant's chain lock: the request id is new
+        (DUPLICATE_REQUEST_ID: the caller re-reads it with `settlement_by_request`); the
+        latest revision number equals `new.expected_revision` when that is set
+        (EXPECTED_REVISION_MISMATCH); the latest revision is `supersedes` (REVISION_TAKEN).
+        """
+        _check_date(new.period_start, "period_start")
+        _check_date(new.period_end, "period_end")
+        if supersedes is not None and (
+            supersedes.data.tenant != new.tenant
+            or supersedes.data.contract_id != new.contract_id
+            or supersedes.data.period_start != new.period_start
+        ):
+            raise ValueError("supersedes must be a revision of the same tenant, contract and period")
+        s = settlements
+        try:
+            with self._write(new.tenant) as chain:
+                conn = chain.conn
+                taken = conn.execute(
+                    sa.select(s.c.settlement_id).where(s.c.tenant == new.tenant, s.c.request_id == new.request_id)
+                ).one_or_none()
+                if taken is not None:
+                    raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled as {taken.settlement_id}")
+                latest = conn.execute(
+                    sa.select(s.c.settlement_id, s.c.revision)
+                    .where(s.c.tenant == new.tenant, s.c.contract_id == new.contract_id, s.c.period_start == new.period_start)
+                    .order_by(s.c.revision.desc())
+                    .limit(1)
+                ).one_or_none()
+                latest_revision = 0 if latest is None else int(latest.revision)
+                if new.expected_revision is not None and new.expected_revision != latest_revision:
+                    raise Conflict(
+                        "EXPECTED_REVISION_MISMATCH",
+                        f"expected revision {new.expected_revision} but the latest revision is {latest_revision}",
+                    )
+                latest_id = None if latest is None else str(latest.settlement_id)
+                wanted_id = None if supersedes is None else supersedes.settlement_id
+                if latest_id != wanted_id:
+                    raise Conflict(
+                        "REVISION_TAKEN",
+                        f"the latest revision of {new.contract_id} for {new.period_start.isoformat()} is now {latest_revision}",
+                    )
+                settlement_id = uuid.uuid4().hex
+                revision = latest_revision + 1
+                now = self._now()
+                row = chain.append(
+                    s,
+                    KIND_SETTLEMENT,
+                    {
+                        "settlement_id": settlement_id,
+                        "request_id": new.request_id,
+                        "request_fingerprint": new.request_fingerprint,
+                        "contract_id": new.contract_id,
+                        "seller_id": new.seller_id,
+                        "market": new.market,
+                        "period_start": new.period_start,
+                        "period_end": new.period_end,
+                        "ruleset_id": new.ruleset_id,
+                        "ruleset_version": new.ruleset_version,
+                        "content_hash": new.content_hash,
+                        "engine_version": new.engine_version,
+                        "currency": new.currency,
+                        "total": new.total,
+                        "request_json": bytes(new.request_json),
+                        "decision_json": bytes(new.decision_json),
+                        "deltas_json": bytes(new.deltas_json),
+                        "principal": new.principal,
+                        "expected_revision": new.expected_revision,
+                        "revision": revision,
+                        "supersedes_id": wanted_id,
+                        "create_time": now,
+                    },
+                )
+        except IntegrityError as exc:  # a rule the checks above enforce, hit anyway: report it as they would
+            if self.settlement_by_request(new.tenant, new.request_id) is not None:
+                raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled") from exc
+            current = self.latest_settlement(new.tenant, new.contract_id, new.period_start)
+            if (None if current is None else current.settlement_id) != (None if supersedes is None else supersedes.settlement_id):
+                raise Conflict("REVISION_TAKEN", f"the latest revision of {new.contract_id} has changed") from exc
+            raise
+        return SettlementRecord(
+            settlement_id=settlement_id,
+            revision=revision,
+            supersedes_id=wanted_id,
+            create_time=now,
+            chain_seq=int(str(row["chain_seq"])),
+            record_hash=str(row["record_hash"]),
+            previous_hash=str(row["previous_hash"]),
+            data=new,
+        )
+
+    @staticmethod
+    def _filtered(tenant: str, where: SettlementFilter) -> sa.Select[Any]:
+        s = settlements
+        query = sa.select(s).where(s.c.tenant == tenant)
+        if where.contract_id is not None:
+            query = query.where(s.c.contract_id == where.contract_id)
+        if where.seller_id is not None:
+            query = query.where(s.c.seller_id == where.seller_id)
+        if where.market is not None:
+            query = query.where(s.c.market == where.market)
+        if where.ruleset_id is not None:
+            query = query.where(s.c.ruleset_id == where.ruleset_id)
+        if where.period_from is not None:
+            query = query.where(s.c.period_start >= where.period_from)
+        if where.period_to is not None:
+            query = query.where(s.c.period_start <= where.period_to)
+        if where.latest_only:
+            successor = settlements.alias("successor")
+            query = query.where(~sa.exists().where(successor.c.supersedes_id == s.c.settlement_id))
+        return query
+
+    def list_settlements(
+        self, tenant: str, where: SettlementFilter, page_size: int, after: tuple[datetime.date, str, int] | None
+    ) -> list[SettlementRecord]:
+        """One page ordered by (period_start, contract_id, revision); `after` is the last row's key."""
+        limit = _check_page_size(page_size)
+        s = settlements
+        query = self._filtered(tenant, where)
+        if after is not None:
+            key = sa.tuple_(s.c.period_start, s.c.contract_id, s.c.revision)
+            query = query.where(key > sa.tuple_(sa.literal(after[0], sa.Date), sa.literal(after[1]), sa.literal(after[2])))
+        query = query.order_by(s.c.period_start, s.c.contract_id, s.c.revision).limit(limit)
+        with self._engine.connect() as conn:
+            return [self._settlement_record(row) for row in conn.execute(query)]
+
+    def settlements_in_period(self, tenant: str, period_from: datetime.date, period_to: datetime.date) -> Iterator[SettlementRecord]:
+        """The latest revision of every (contract, period) with period_start in [from, to], streamed,
+        ordered by (period_start, contract_id)."""
+        s = settlements
+        query = self._filtered(tenant, SettlementFilter(period_from=period_from, period_to=period_to, latest_only=True)).order_by(
+            s.c.period_start, s.c.contract_id
+        )
+        with self._snapshot() as conn:
+            for row in conn.execution_options(yield_per=STREAM_BATCH).execute(query):
+                yield self._settlement_record(row)
+
+    # -- the chain ----------------------------------------------------------------------
+
+    def _head(self, conn: Connection, tenant: str) -> tuple[int, str] | None:
+        row = conn.execute(sa.select(chain_heads.c.last_seq, chain_heads.c.last_hash).where(chain_heads.c.tenant == tenant)).one_or_none()
+        return None if row is None else (int(row.last_seq), str(row.last_hash))
+
+    def chain_head(self, tenant: str) -> tuple[int, str] | None:
+        """The tenant's stored chain head (last seq, last record_hash); None before its first record."""
+        with self._engine.connect() as conn:
+            return self._head(conn, tenant)
+
+    @staticmethod
+    def _entries(conn: Connection, tenant: str) -> Iterator[ChainEntry]:
+        """The tenant's links in chain_seq order: a merge of one ordered stream per table."""
+
+        def stream(table: sa.Table, kind: str, key: Callable[[Mapping[str, Any]], str]) -> Iterator[ChainEntry]:
+            query = sa.select(table).where(table.c.tenant == tenant).order_by(table.c.chain_seq)
+            for row in conn.execution_options(yield_per=STREAM_BATCH).execute(query):
+                values: dict[str, Any] = dict(row._mapping)
+                yield ChainEntry(
+                    chain_seq=int(values["chain_seq"]),
+                    kind=kind,
+                    key=key(values),
+                    content=canonical_content(kind, values),
+                    record_hash=str(values["record_hash"]),
+                    previous_hash=str(values["previous_hash"]),
+                )
+
+        yield from heapq.merge(
+            stream(ruleset_versions, KIND_RULESET_VERSION, lambda r: f"{r['ruleset_id']}@{r['version']}"),
+            stream(lifecycle_events, KIND_LIFECYCLE_EVENT, lambda r: f"{r['ruleset_id']}@{r['version']}:{r['action']}"),
+            stream(settlements, KIND_SETTLEMENT, lambda r: str(r["settlement_id"])),
+            key=lambda entry: entry.chain_seq,
+        )
+
+    def audit_chain(self, tenant: str) -> Iterator[ChainEntry]:
+        """Stream the tenant's chain in chain_seq order, with content recomputed from the rows."""
+        with self._snapshot() as conn:
+            yield from self._entries(conn, tenant)
+
+    def verify_tenant_chain(self, tenant: str) -> ChainReport:
+        """Read the head and walk the chain in one snapshot; report the first problem."""
+        with self._snapshot() as conn:
+            head = self._head(conn, tenant)
+            count = 0
+
+            def counted() -> Iterator[ChainEntry]:
+                nonlocal count
+                for entry in self._entries(conn, tenant):
+                    count += 1
+                    yield entry
+
+            problem = verify_chain(counted(), head)
+        return ChainReport(records=count, head=head, problem=problem)
+
+
+# -- opening and migrating ----------------------------------------------------------------
+
+
+def _sqlite_engine(url: sa.URL, lock_timeout: float) -> Engine:
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        raise ValueError("an in-memory SQLite database cannot be shared by connections; use a file (sqlite:///path/to/file.db)")
+    if not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": lock_timeout})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {max(1, int(lock_timeout * 1000))}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN")
+
+    return engine
+
+
+def create_engine_for(database_url: str, lock_timeout: float = WRITE_LOCK_TIMEOUT_S) -> Engine:
+    """An engine for a supported URL: sqlite:///file.db or postgresql[+psycopg]://…"""
+    url = make_url(database_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url, lock_timeout)
+    if backend == "postgresql":
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        return sa.create_engine(url, pool_pre_ping=True)
+    raise ValueError(f"unsupported database {backend!r}: use sqlite:///file.db or postgresql+psycopg://…")
+
+
+def alembic_config() -> Config:
+    """Alembic configured programmatically for server/storage/migrations."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Run the migrations to head, safe when several processes start at once."""
+    config = alembic_config()
+    with engine.execution_options(**{_WRITE_OPTION: True}).connect() as conn, conn.begin():
+        # One transaction around the whole upgrade (Alembic joins it): on SQLite it began
+        # with BEGIN IMMEDIATE; on PostgreSQL the advisory lock is released at commit.
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def open_store(database_url: str, clock: Clock | None = None, *, lock_timeout: float = WRITE_LOCK_TIMEOUT_S) -> SqlStore:
+    """Open (and migrate to head) the store at `database_url`.
+
+    `lock_timeout` (seconds) bounds the wait for the write lock (SQLite's busy timeout, the
+    tenant's chain lock on PostgreSQL); a write that waits longer raises StoreBusy."""
+    engine = create_engine_for(database_url, lock_timeout)
+    try:
+        upgrade_to_head(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return SqlStore(engine, clock, lock_timeout=lock_timeout)
+
+
+__all__ = ["ChainReport", "SqlStore", "StoreBusy", "alembic_config", "create_engine_for", "metadata", "open_store", "upgrade_to_head"]

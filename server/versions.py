@@ -1,0 +1,83 @@
+"""Compiled ruleset versions, cached, and the choice of a version for a settlement (SPEC §6)."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from engine import CompiledRuleset, compile_ruleset
+from server.errors import ServiceError
+from server.storage.interface import RulesetVersionRecord, Store, VersionStatus
+
+
+@dataclass(frozen=True)
+class Chosen:
+    record: RulesetVersionRecord
+    compiled: CompiledRuleset
+
+
+class VersionRegistry:
+    """Stored versions never change, so a compiled version is cached for good."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._compiled: dict[tuple[str, str, int], CompiledRuleset] = {}
+        self._lock = threading.Lock()
+
+    def compiled(self, record: RulesetVersionRecord) -> CompiledRuleset:
+        key = (record.tenant, record.ruleset_id, record.version)
+        with self._lock:
+            found = self._compiled.get(key)
+            if found is None:
+                found = self._compiled[key] = compile_ruleset(record.source, record.version)
+            return found
+
+    def get(self, tenant: str, ruleset_id: str, version: int) -> Chosen:
+        record = self._store.get_ruleset_version(tenant, ruleset_id, version)
+        return Chosen(record, self.compiled(record))
+
+    def choose(self, tenant: str, ruleset_id: str, pinned: int | None, period_start: datetime.date, allow_draft: bool) -> Chosen:
+        """The pinned version (APPROVED, or DRAFT when simulating), else the APPROVED version
+        with the latest effective_from on or before the period's first day (ties: highest)."""
+        if pinned is not None:
+            record = self._store.get_ruleset_version(tenant, ruleset_id, pinned)
+            allowed = {VersionStatus.APPROVED, VersionStatus.DRAFT} if allow_draft else {VersionStatus.APPROVED}
+            if record.status not in allowed:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "VERSION_NOT_USABLE",
+                    f"rulesets/{ruleset_id}/versions/{pinned} is {record.status.value}; only {' or '.join(sorted(s.value for s in allowed))} versions settle",
+                    metadata={"state": record.status.value},
+                )
+            return Chosen(record, self.compiled(record))
+        candidates = [
+            r for r in self._all_versions(tenant, ruleset_id) if r.status is VersionStatus.APPROVED and r.effective_from <= period_start
+        ]
+        if not candidates:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "NO_VERSION_IN_EFFECT",
+                f"no APPROVED version of rulesets/{ruleset_id} is in effect on {period_start.isoformat()}",
+                metadata={"ruleset": ruleset_id, "periodStartDate": period_start.isoformat()},
+            )
+        best = max(candidates, key=lambda r: (r.effective_from, r.version))
+        return Chosen(best, self.compiled(best))
+
+    def _all_versions(self, tenant: str, ruleset_id: str) -> list[RulesetVersionRecord]:
+        records: list[RulesetVersionRecord] = []
+        after: tuple[str, int] | None = None
+        while True:
+            page = self._store.list_ruleset_versions(tenant, ruleset_id, 500, after)
+            records.extend(page)
+            if len(page) < 500:
+                return records
+            after = (page[-1].ruleset_id, page[-1].version)
+
+    def close(self) -> None:
+        with self._lock:
+            for compiled in self._compiled.values():
+                compiled.close()
+            self._compiled.clear()
