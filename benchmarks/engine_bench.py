@@ -66,7 +66,13 @@ def main() -> int:
         compiled.close()
     for size in (5, 20, 50):
         compiled = compile_ruleset(generated_ruleset(size))
-        rows.append({"case": f"generated, {size} conditions", "rules": size, "settlements_per_s": round(measure(compiled, [generated_request(size)]))})
+        rows.append(
+            {
+                "case": f"generated, {size} conditions",
+                "rules": size,
+                "settlements_per_s": round(measure(compiled, [generated_request(size)])),
+            }
+        )
         compiled.close()
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(), "seconds_per_case": SECONDS}
     print(f"engine, one thread; {machine['cpus']} cores, Python {machine['python']} ({machine['machine']})")
