@@ -32,6 +32,6 @@ def decode_token(kind: str, token: str) -> Any:
         data = orjson.loads(base64.urlsafe_b64decode(token.encode("ascii")))
         if data.get("k") == kind:
             return data["v"]
-    except (ValueError, TypeError, AttributeError, UnicodeEncodeError):
+    except (ValueError, TypeError, AttributeError, KeyError, UnicodeEncodeError):
         pass
     raise invalid("page_token is not a token this list returned", [Violation("page_token", "unknown or damaged token")])

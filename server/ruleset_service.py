@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import grpc
 from kpisettle.v1 import resources_pb2 as pb
 from kpisettle.v1 import ruleset_service_pb2 as rs
 from kpisettle.v1 import ruleset_service_pb2_grpc as rs_grpc
 
-from engine import Problem, RequestInvalid, ValidationReport, validate_ruleset
+from engine import CompiledRuleset, Problem, ProblemsError, ValidationReport, compile_ruleset, run_examples, validate_ruleset
 from engine.diff import diff_rulesets
 from engine.money import plain
 from server import convert
 from server.auth import current_principal
 from server.errors import ServiceError, Violation, invalid, problem_violations, rpc_errors
 from server.paging import decode_token, encode_token, page_size
-from server.storage.interface import LifecycleAction, RulesetVersionRecord, Store, VersionStatus
+from server.storage.interface import Conflict, LifecycleAction, RulesetVersionRecord, Store, VersionStatus
 from server.versions import VersionRegistry
 
 MAX_SOURCE_CHARS = 256 * 1024
+MAX_NOTE_CHARS = 2000
+#: Summaries of stored sources (title, currency, warnings, examples) kept in memory.
+SUMMARY_CACHE_SIZE = 4096
+_TOKEN_RULESET = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True)
+class _Summary:
+    """What a RulesetVersion message shows besides the stored record; fixed by the source."""
+
+    title: str
+    currency: str
+    warnings: tuple[pb.RulesetProblem, ...]
+    examples_pass: bool
 
 
 def problem_message(problem: Problem) -> pb.RulesetProblem:
@@ -43,30 +63,96 @@ def _source(text: str) -> str:
     return text
 
 
+def _note(note: str) -> str:
+    if len(note) > MAX_NOTE_CHARS:
+        raise invalid("note is too long", [Violation("note", f"at most {MAX_NOTE_CHARS} characters")])
+    return note
+
+
+def _transition_refused(conflict: Conflict, name: str) -> ServiceError:
+    """A lifecycle change another call made first (the store re-checks the state under its lock)."""
+    if conflict.reason == "INVALID_TRANSITION":
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", f"{name}: {conflict}")
+    return ServiceError(grpc.StatusCode.ABORTED, conflict.reason, str(conflict))
+
+
+def _list_token(parent: str, token: str) -> tuple[str, int] | None:
+    """The (ruleset_id, version) after which a page starts; the token must come from the same parent."""
+    damaged = invalid(
+        "page_token is not a token this list returned", [Violation("page_token", "unknown or damaged token, or one of another parent")]
+    )
+    try:
+        key: Any = decode_token("rulesets", token)
+    except KeyError as exc:  # a decodable token without its key
+        raise damaged from exc
+    if key is None:
+        return None
+    if (
+        isinstance(key, list)
+        and len(key) == 3
+        and key[0] == parent
+        and isinstance(key[1], str)
+        and _TOKEN_RULESET.fullmatch(key[1])
+        and type(key[2]) is int
+        and 0 < key[2] < 2**31
+    ):
+        return key[1], key[2]
+    raise damaged
+
+
 class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
     def __init__(self, store: Store, registry: VersionRegistry) -> None:
         self._store = store
         self._registry = registry
-        self._reports: dict[str, ValidationReport] = {}
+        self._summaries: OrderedDict[str, _Summary] = OrderedDict()
+        self._summaries_lock = threading.Lock()
 
-    def _report(self, source: str) -> ValidationReport:
-        """Validation of a stored source; sources never change, so reports are cached by text."""
-        report = self._reports.get(source)
-        if report is None:
-            report = self._reports[source] = validate_ruleset(source)
-        return report
+    def _summary(self, record: RulesetVersionRecord, report: ValidationReport | None = None) -> _Summary:
+        """Title, currency, warnings and examples of a stored source, cached by the source's digest
+        (a stored source never changes; the cache is bounded)."""
+        key = hashlib.sha256(record.source.encode("utf-8")).hexdigest()
+        with self._summaries_lock:
+            found = self._summaries.get(key)
+            if found is not None:
+                self._summaries.move_to_end(key)
+                return found
+        compiled = self._registry.cached(record)
+        transient: CompiledRuleset | None = None
+        if compiled is None:  # listing must not fill the registry with versions nobody settles
+            try:
+                compiled = transient = compile_ruleset(record.source, record.version)
+            except ProblemsError as exc:  # stored before an engine change: still readable, never approvable
+                return _Summary("", "", tuple(problem_message(p) for p in exc.problems), False)
+        try:
+            if report is not None:
+                warnings, examples_pass = report.warnings, report.examples_pass
+            else:
+                warnings, examples_pass = list(compiled.warnings), all(o.passed for o in run_examples(compiled))
+            summary = _Summary(
+                title=compiled.ruleset.title,
+                currency=compiled.ruleset.currency,
+                warnings=tuple(problem_message(p) for p in warnings),
+                examples_pass=examples_pass,
+            )
+        finally:
+            if transient is not None:
+                transient.close()
+        with self._summaries_lock:
+            self._summaries[key] = summary
+            while len(self._summaries) > SUMMARY_CACHE_SIZE:
+                self._summaries.popitem(last=False)
+        return summary
 
-    def _message(self, record: RulesetVersionRecord, with_source: bool = True) -> pb.RulesetVersion:
-        report = self._report(record.source)
-        compiled = self._registry.compiled(record)
+    def _message(self, record: RulesetVersionRecord, with_source: bool = True, report: ValidationReport | None = None) -> pb.RulesetVersion:
+        summary = self._summary(record, report)
         events = self._store.lifecycle_events(record.tenant, record.ruleset_id, record.version)
         return convert.ruleset_version_message(
             record,
             events,
-            title=compiled.ruleset.title,
-            currency=compiled.ruleset.currency,
-            warnings=[problem_message(p) for p in report.warnings],
-            examples_pass=report.examples_pass,
+            title=summary.title,
+            currency=summary.currency,
+            warnings=summary.warnings,
+            examples_pass=summary.examples_pass,
             with_source=with_source,
         )
 
@@ -101,8 +187,7 @@ class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
         record = self._store.create_ruleset_version(
             principal.tenant, report.ruleset_id, source, report.content_hash or "", report.effective_from, principal.name
         )
-        self._reports[source] = report
-        return rs.CreateRulesetVersionResponse(ruleset_version=self._message(record))
+        return rs.CreateRulesetVersionResponse(ruleset_version=self._message(record, report=report))
 
     def _record(self, name: str, field: str = "name") -> RulesetVersionRecord:
         ruleset_id, version = convert.ruleset_name(name, field, versioned=True)
@@ -113,6 +198,7 @@ class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
     def ApproveRulesetVersion(
         self, request: rs.ApproveRulesetVersionRequest, context: grpc.ServicerContext
     ) -> rs.ApproveRulesetVersionResponse:
+        note = _note(request.note)
         record = self._record(request.name)
         principal = current_principal()
         if record.status is not VersionStatus.DRAFT:
@@ -125,7 +211,7 @@ class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
                 "FOUR_EYES",
                 f"{principal.name} created {request.name}; another principal must approve it",
             )
-        report = self._report(record.source)
+        report = validate_ruleset(record.source)  # the examples run again, now, under this engine
         if not report.examples_pass:
             failures = [p for p in report.errors if p.code == "example.failed"] or list(report.errors)
             raise ServiceError(
@@ -134,22 +220,29 @@ class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
                 f"{request.name} cannot be approved: its examples do not pass",
                 problem_violations(failures, "source."),
             )
-        updated = self._store.record_lifecycle(
-            principal.tenant, record.ruleset_id, record.version, LifecycleAction.APPROVED, principal.name, request.note
-        )
-        return rs.ApproveRulesetVersionResponse(ruleset_version=self._message(updated))
+        try:
+            updated = self._store.record_lifecycle(
+                principal.tenant, record.ruleset_id, record.version, LifecycleAction.APPROVED, principal.name, note
+            )
+        except Conflict as conflict:
+            raise _transition_refused(conflict, request.name) from conflict
+        return rs.ApproveRulesetVersionResponse(ruleset_version=self._message(updated, report=report))
 
     @rpc_errors
     def RetireRulesetVersion(
         self, request: rs.RetireRulesetVersionRequest, context: grpc.ServicerContext
     ) -> rs.RetireRulesetVersionResponse:
+        note = _note(request.note)
         record = self._record(request.name)
         principal = current_principal()
         if record.status is VersionStatus.RETIRED:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_RETIRED", f"{request.name} is already RETIRED")
-        updated = self._store.record_lifecycle(
-            principal.tenant, record.ruleset_id, record.version, LifecycleAction.RETIRED, principal.name, request.note
-        )
+        try:
+            updated = self._store.record_lifecycle(
+                principal.tenant, record.ruleset_id, record.version, LifecycleAction.RETIRED, principal.name, note
+            )
+        except Conflict as conflict:
+            raise _transition_refused(conflict, request.name) from conflict
         return rs.RetireRulesetVersionResponse(ruleset_version=self._message(updated))
 
     @rpc_errors
@@ -163,11 +256,16 @@ class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
         else:
             ruleset_id, _ = convert.ruleset_name(request.parent, "parent", versioned=False)
         size = page_size(request.page_size)
-        after = decode_token("rulesets", request.page_token)
-        records = self._store.list_ruleset_versions(current_principal().tenant, ruleset_id, size + 1, tuple(after) if after else None)
-        more = len(records) > size
-        records = records[:size]
-        token = encode_token("rulesets", [records[-1].ruleset_id, records[-1].version]) if more and records else ""
+        after = _list_token(request.parent, request.page_token)
+        tenant = current_principal().tenant
+        # The store caps a page at the largest page size, so ask for exactly one page and,
+        # when it is full, look for one more version after it.
+        records = self._store.list_ruleset_versions(tenant, ruleset_id, size, after)
+        token = ""
+        if len(records) >= size and records:
+            last = (records[-1].ruleset_id, records[-1].version)
+            if self._store.list_ruleset_versions(tenant, ruleset_id, 1, last):
+                token = encode_token("rulesets", [request.parent, *last])
         return rs.ListRulesetVersionsResponse(
             ruleset_versions=[self._message(r, with_source=False) for r in records], next_page_token=token
         )
@@ -212,8 +310,12 @@ class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
             try:
                 message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
                 decision = compiled.settle(convert.engine_request(message))
-            except RequestInvalid as exc:
+            except ProblemsError as exc:
                 impact.error = "; ".join(f"{p.code}: {p.message}" for p in exc.problems)
+            else:
+                if decision.period_end != data.period_end.isoformat():
+                    impact.error = f"period.mismatch: the candidate's period ends {decision.period_end}, the settlement's {data.period_end.isoformat()}"
+            if impact.error:
                 response.settlements_failed += 1
                 response.impacts.append(impact)
                 continue

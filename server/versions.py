@@ -31,9 +31,20 @@ class VersionRegistry:
         key = (record.tenant, record.ruleset_id, record.version)
         with self._lock:
             found = self._compiled.get(key)
-            if found is None:
-                found = self._compiled[key] = compile_ruleset(record.source, record.version)
+        if found is not None:
             return found
+        # Compile outside the lock: one slow compilation must not hold up every other call.
+        fresh = compile_ruleset(record.source, record.version)
+        with self._lock:
+            found = self._compiled.setdefault(key, fresh)
+        if found is not fresh:  # another thread compiled it first
+            fresh.close()
+        return found
+
+    def cached(self, record: RulesetVersionRecord) -> CompiledRuleset | None:
+        """The compiled version if it is already cached (nothing is compiled)."""
+        with self._lock:
+            return self._compiled.get((record.tenant, record.ruleset_id, record.version))
 
     def get(self, tenant: str, ruleset_id: str, version: int) -> Chosen:
         record = self._store.get_ruleset_version(tenant, ruleset_id, version)
