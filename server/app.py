@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class Config:
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = MAX_MESSAGE_BYTES
     grace_seconds: float = 10.0
+    #: On SIGTERM: health says NOT_SERVING and new calls get UNAVAILABLE for this long
+    #: (so load balancers notice) before the server stops and drains in-flight calls.
+    drain_delay_seconds: float = 0.5
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -63,7 +67,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--tls-client-ca", default=env.get("KPISETTLE_TLS_CLIENT_CA"), help="PEM CA bundle; requires client certificates (mTLS)"
     )
     parser.add_argument("--threads", type=int, default=int(env.get("KPISETTLE_THREADS", Config.threads)))
-    parser.add_argument("--grace-seconds", type=float, default=float(env.get("KPISETTLE_GRACE_SECONDS", Config.grace_seconds)))
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=float(env.get("KPISETTLE_GRACE_SECONDS", Config.grace_seconds)),
+        help="on SIGTERM, how long in-flight calls may take to finish",
+    )
+    parser.add_argument(
+        "--drain-delay-seconds",
+        type=float,
+        default=float(env.get("KPISETTLE_DRAIN_DELAY_SECONDS", Config.drain_delay_seconds)),
+        help="on SIGTERM, how long health reports NOT_SERVING before the server stops",
+    )
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -78,6 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
         threads=args.threads,
         grace_seconds=args.grace_seconds,
+        drain_delay_seconds=args.drain_delay_seconds,
     )
 
 
@@ -89,13 +105,16 @@ class Service:
         self.store = store or open_store(config.database_url)
         self.registry = VersionRegistry(self.store)
         self.health = health.HealthServicer()
+        self.draining = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopped = False
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(TokenBook.load(config.tokens_file))],
+            interceptors=[AuthInterceptor(TokenBook.load(config.tokens_file), self.draining)],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
@@ -122,10 +141,21 @@ class Service:
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight calls finish, then release everything."""
+    def begin_drain(self) -> None:
+        """Health says NOT_SERVING and new calls get UNAVAILABLE; in-flight calls go on."""
+        self.draining.set()
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
+        """Refuse new calls, let in-flight calls finish, then release everything (once)."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.begin_drain()
+        if drain_delay > 0:
+            time.sleep(drain_delay)
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.registry.close()
         self.store.close()
@@ -134,21 +164,27 @@ class Service:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KPISETTLE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopped.is_set():
+            log.info("signal %s: draining", signum)
+        stopped.set()
+
+    # Handlers first: a SIGTERM that arrives while starting still drains and exits 0.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     service = Service(config)
     service.start()
     host = config.listen.rsplit(":", 1)[0]
     # The first line says where to connect (tests read it); ports may be 0 = any free port.
     print(f"kpisettle listening on {host}:{service.port}", flush=True)
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: draining", signum)
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopped.wait()
-    service.stop()
+    # Wait with a timeout: a signal that lands on one of gRPC's threads only sets a flag,
+    # and its Python handler runs when the main thread next wakes; a bare wait() could
+    # sleep through SIGTERM for ever.
+    while not stopped.wait(0.2):
+        pass
+    service.stop(drain_delay=config.drain_delay_seconds)
     log.info("stopped")
     return 0
 

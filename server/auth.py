@@ -11,12 +11,16 @@ import contextvars
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
+from grpc_status import rpc_status
+
+from server.errors import ServiceError, to_status
 
 log = logging.getLogger("kpisettle.auth")
 
@@ -25,7 +29,13 @@ ROLES = ("erp", "billing", "compliance", "admin")
 _S = "/kpisettle.v1.SettlementService/"
 _R = "/kpisettle.v1.RulesetService/"
 
-#: Who may call what. A method not listed here is denied to everyone.
+#: Who may call what (SPEC §9). A method not listed here is denied to everyone.
+#: erp: settle, simulate, read settlements. billing: read settlements and breakdowns.
+#: compliance: read rulesets, approve, retire, diff, impact, replay, verify, explain — and
+#: read settlements, since auditing a decision starts with finding it (a decision of ours).
+#: admin: create ruleset versions, and read them (to see what was created).
+#: ValidateRuleset stores and reads nothing: it is the dry run of creating a version
+#: (admin) and a check of a text under review (compliance).
 PERMISSIONS: dict[str, frozenset[str]] = {
     _S + "Settle": frozenset({"erp"}),
     _S + "SettleBatch": frozenset({"erp"}),
@@ -91,40 +101,73 @@ class TokenBook:
         return self._by_digest.get(hash_token(token))
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Authenticates every call and authorises it against PERMISSIONS."""
+def allowed_roles(method: str) -> frozenset[str]:
+    """The roles that may call a full method name; none for a method not in PERMISSIONS."""
+    return PERMISSIONS.get(method, frozenset())
 
-    def __init__(self, tokens: TokenBook) -> None:
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The token of the one `authorization: Bearer <token>` header, or None.
+
+    The scheme is case-insensitive (RFC 7235); anything else — no header, two headers,
+    another scheme, an empty or blank token, a token with spaces — is no token at all.
+    """
+    values = [value for key, value in metadata if key.lower() == "authorization"]
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or any(c.isspace() for c in token):
+        return None
+    return token
+
+
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call and authorises it against PERMISSIONS.
+
+    Health and reflection are public. While `draining` is set (the server is shutting
+    down) every other new call is refused with UNAVAILABLE; calls already running go on.
+    """
+
+    def __init__(self, tokens: TokenBook, draining: threading.Event | None = None) -> None:
         self._tokens = tokens
+        self._draining = draining if draining is not None else threading.Event()
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         method = details.method
         handler = continuation(details)
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        allowed = PERMISSIONS.get(method, frozenset())
-        return _guarded(handler, allowed, self._tokens, method)
+        return _guarded(handler, allowed_roles(method), self._tokens, method, self._draining)
 
 
-def _authorise(context: grpc.ServicerContext, allowed: frozenset[str], tokens: TokenBook, method: str) -> Principal:
-    token = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            token = value[len("Bearer ") :].strip()
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str, **metadata: str) -> NoReturn:
+    context.abort_with_status(rpc_status.to_status(to_status(ServiceError(code, reason, message, metadata=metadata))))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def _authorise(
+    context: grpc.ServicerContext, allowed: frozenset[str], tokens: TokenBook, method: str, draining: threading.Event
+) -> Principal:
+    short = method.rsplit("/", 1)[-1]
+    if draining.is_set():
+        _abort(context, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server")
+    token = bearer_token(context.invocation_metadata() or ())
     principal = tokens.principal(token) if token else None
     if principal is None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
-    assert principal is not None
+        # Never log the token or the header: only that a call came without a valid one.
+        log.info("unauthenticated call to %s from %s", method, context.peer())
+        _abort(context, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", "a valid bearer token is required")
     if not principal.roles & allowed:
         log.info("denied %s to %s (roles %s)", method, principal.name, sorted(principal.roles))
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{principal.name} may not call {method.rsplit('/', 1)[-1]}")
+        _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_PERMITTED", f"{principal.name} may not call {short}", method=short)
     return principal
 
 
-def _guarded(handler: Any, allowed: frozenset[str], tokens: TokenBook, method: str) -> Any:
+def _guarded(handler: Any, allowed: frozenset[str], tokens: TokenBook, method: str, draining: threading.Event) -> Any:
     def wrap(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            principal = _authorise(context, allowed, tokens, method)
+            principal = _authorise(context, allowed, tokens, method, draining)
             token = _current.set(principal)
             try:
                 return behaviour(request, context)
@@ -135,7 +178,7 @@ def _guarded(handler: Any, allowed: frozenset[str], tokens: TokenBook, method: s
 
     def wrap_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            principal = _authorise(context, allowed, tokens, method)
+            principal = _authorise(context, allowed, tokens, method, draining)
             token = _current.set(principal)
             try:
                 yield from behaviour(request, context)

@@ -64,28 +64,15 @@ class VersionRegistry:
                     metadata={"state": record.status.value},
                 )
             return Chosen(record, self.compiled(record))
-        candidates = [
-            r for r in self._all_versions(tenant, ruleset_id) if r.status is VersionStatus.APPROVED and r.effective_from <= period_start
-        ]
-        if not candidates:
+        best = self._store.version_in_effect(tenant, ruleset_id, period_start)
+        if best is None:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "NO_VERSION_IN_EFFECT",
                 f"no APPROVED version of rulesets/{ruleset_id} is in effect on {period_start.isoformat()}",
                 metadata={"ruleset": ruleset_id, "periodStartDate": period_start.isoformat()},
             )
-        best = max(candidates, key=lambda r: (r.effective_from, r.version))
         return Chosen(best, self.compiled(best))
-
-    def _all_versions(self, tenant: str, ruleset_id: str) -> list[RulesetVersionRecord]:
-        records: list[RulesetVersionRecord] = []
-        after: tuple[str, int] | None = None
-        while True:
-            page = self._store.list_ruleset_versions(tenant, ruleset_id, 500, after)
-            records.extend(page)
-            if len(page) < 500:
-                return records
-            after = (page[-1].ruleset_id, page[-1].version)
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,21 +184,28 @@ class ServerProcess:
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
         )
-        self.port = self._read_port()
+        self._lines: list[str] = []
+        self._started = threading.Event()
+        # drain the pipe all the time, so that a chatty server never blocks on a full pipe
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = self._wait_for_port()
 
-    def _read_port(self) -> int:
+    def _read(self) -> None:
         assert self.process.stdout is not None
-        deadline = time.monotonic() + 60
-        seen = []
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
+        for line in self.process.stdout:
+            self._lines.append(line)
+            if line.startswith("kpisettle listening on "):
+                self._started.set()
+        self._started.set()
+
+    def _wait_for_port(self) -> int:
+        self._started.wait(60)
+        for line in self._lines:
             if line.startswith("kpisettle listening on "):
                 return int(line.rsplit(":", 1)[1])
         self.kill()
-        raise RuntimeError("the server did not start:\n" + "".join(seen))
+        raise RuntimeError("the server did not start:\n" + "".join(self._lines))
 
     @property
     def target(self) -> str:
@@ -214,8 +221,10 @@ class ServerProcess:
             self.process.wait(10)
 
     def output(self) -> str:
-        assert self.process.stdout is not None
-        return self.process.stdout.read()
+        """Everything the process printed (complete once it has exited)."""
+        if self.process.poll() is not None:
+            self._reader.join(10)
+        return "".join(self._lines)
 
 
 __all__ = [

@@ -148,6 +148,10 @@ class Store(Protocol):
         self, tenant: str, ruleset_id: str | None, page_size: int, after: tuple[str, int] | None
     ) -> list[RulesetVersionRecord]: ...
 
+    def version_in_effect(self, tenant: str, ruleset_id: str, on: datetime.date) -> RulesetVersionRecord | None:
+        """The APPROVED version with the latest effective_from on or before `on` (ties: highest)."""
+        ...
+
     def record_lifecycle(
         self, tenant: str, ruleset_id: str, version: int, action: LifecycleAction, principal: str, note: str = ""
     ) -> RulesetVersionRecord: ...

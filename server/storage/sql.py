@@ -470,6 +470,18 @@ class SqlStore:
         with self._engine.connect() as conn:
             return [self._version_record(row) for row in conn.execute(query)]
 
+    def version_in_effect(self, tenant: str, ruleset_id: str, on: datetime.date) -> RulesetVersionRecord | None:
+        """The APPROVED version with the latest effective_from on or before `on` (ties: highest version)."""
+        v = ruleset_versions
+        query = self._versions_query(tenant).where(v.c.ruleset_id == ruleset_id, v.c.effective_from <= on)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query.order_by(v.c.effective_from.desc(), v.c.version.desc()))
+            for row in rows:
+                record = self._version_record(row)
+                if record.status is VersionStatus.APPROVED:
+                    return record
+        return None
+
     def record_lifecycle(
         self, tenant: str, ruleset_id: str, version: int, action: LifecycleAction, principal: str, note: str = ""
     ) -> RulesetVersionRecord:
