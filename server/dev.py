@@ -9,17 +9,18 @@ keep what is stored. Never use these tokens outside a laptop.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from engine import validate_ruleset
-from server.app import DEFAULT_DATABASE_URL, main
+from server.app import main
 from server.auth import hash_token
 from server.storage.interface import LifecycleAction, NotFound
 from server.storage.sql import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR = ROOT / "var"
+VAR = Path(os.environ.get("KPISETTLE_VAR_DIR", ROOT / "var"))  # tests point this elsewhere
 TENANT = "dev"
 #: token → (principal, roles). Documented in the README.
 DEV_TOKENS = {
@@ -77,9 +78,9 @@ def run(argv: list[str]) -> int:
     tokens = VAR / "tokens.json"
     if not tokens.exists():
         write_tokens(tokens)
-    database_url = DEFAULT_DATABASE_URL
+    database_url = f"sqlite:///{VAR / 'kpisettle.db'}"
     loaded = load_rulesets(database_url)
-    listen = "127.0.0.1:50051"
+    listen = "127.0.0.1:50051"  # `--listen` in argv overrides it (tests use port 0)
     print("kpisettle development server")
     print(f"  store: {database_url}   tokens: {tokens}")
     for name in loaded:
