@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from enum import StrEnum
 
 from engine.money import ARITHMETIC, DecimalTextError, parse_decimal, plain
@@ -593,15 +593,14 @@ def shown_value(value: Decimal, places: int) -> str:
 
     Never rounds: a value just above a threshold must not read as equal to it.
     """
-    decimals = -int(value.as_tuple().exponent)
-    if decimals <= places:
-        if value.adjusted() + places >= ARITHMETIC.prec:  # too many digits to pad
-            return plain(value)
-        return plain(value.quantize(_QUANTA[places], context=ARITHMETIC))
-    if decimals <= places + EVIDENCE_EXTRA_PLACES:
+    try:
+        shown = value.quantize(_QUANTA[places], rounding=ROUND_DOWN, context=ARITHMETIC)
+        if shown == value:
+            return plain(shown)
+        longer = value.quantize(_QUANTA[places + EVIDENCE_EXTRA_PLACES], rounding=ROUND_DOWN, context=ARITHMETIC)
+    except InvalidOperation:  # more digits than exact arithmetic keeps: show it as it is
         return plain(value)
-    cut = value.quantize(_QUANTA[places + EVIDENCE_EXTRA_PLACES], rounding=ROUND_DOWN, context=ARITHMETIC)
-    return plain(cut) + "…"
+    return plain(value) if longer == value else plain(longer) + "…"
 
 
 _QUANTA = {p: Decimal(1).scaleb(-p) for p in range(64)}
