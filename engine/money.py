@@ -23,7 +23,7 @@ MAX_INTEGER_DIGITS = 18
 MAX_FRACTION_DIGITS = 10
 
 _DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+)(?:\.([0-9]+))?")  # ASCII digits only
-_PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,10})?")  # the common case, checked in one step
+PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,10})?")  # the common case, checked in one step
 
 #: Every exact computation runs in this context: 34 digits (decimal128), traps on.
 ARITHMETIC = Context(
@@ -52,7 +52,7 @@ class DecimalTextError(ValueError):
 
 def parse_decimal(text: object, *, allow_percent: bool = False) -> Decimal:
     """Read `12.50`, `-3`, or (if allowed) `28%` exactly. No exponent, NaN, Infinity, float."""
-    if type(text) is str and _PLAIN_DECIMAL.fullmatch(text):
+    if type(text) is str and PLAIN_DECIMAL.fullmatch(text):
         return Decimal(text)
     if isinstance(text, bool) or not isinstance(text, str):
         raise DecimalTextError(f"expected a decimal written as text, got {_kind(text)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, DecimalException
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
 from engine.expressions import Env, Explainer, Scalar, ZeroDivision
 from engine.model import Fee, FeeKind, Input, Payout, Period, TierMode, ValueType
-from engine.money import ARITHMETIC, DecimalTextError, Rounding, is_currency, parse_decimal, round_to_currency
+from engine.money import ARITHMETIC, PLAIN_DECIMAL, DecimalTextError, Rounding, is_currency, parse_decimal, round_to_currency
 from engine.problems import Problem, RequestInvalid
 from engine.request import MoneyAmount, SettlementRequest
 from engine.version import ENGINE_VERSION
@@ -35,6 +36,7 @@ class Explained:
     explain: Explainer
 
 
+@functools.lru_cache(maxsize=4096)
 def period_bounds(start: datetime.date, period: Period) -> tuple[datetime.date, datetime.date] | None:
     """First and last day of the period starting at `start`, or None if misaligned."""
     if start.day != 1 or (period is Period.QUARTER and start.month % 3 != 1):
@@ -274,6 +276,8 @@ def _read_inputs(
             value = _money(raw, item, f"{section}.{item.name}", problems, compiled.ruleset.currency, request, fx_used)
             if value is not None:
                 env[item.name] = value
+        elif type(raw) is str and item.type is not ValueType.COUNT and PLAIN_DECIMAL.fullmatch(raw):
+            env[item.name] = Decimal(raw)  # the common case, checked in one step
         else:
             value = _parse(raw, item, section, problems)
             if value is not None:

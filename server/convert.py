@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -13,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import date_pb2
 from kpisettle.v1 import resources_pb2 as pb
 
-from engine import FxRate, MoneyAmount, SettlementRequest
+from engine import FxRate, MoneyAmount, Problem, SettlementRequest
 from engine.decision import canonical_json
 from engine.money import plain
 from server.errors import Violation, invalid
@@ -34,7 +35,7 @@ def to_date(value: date_pb2.Date, field: str, violations: list[Violation]) -> da
     try:
         return datetime.date(value.year, value.month, value.day)
     except ValueError:
-        violations.append(Violation(field, f"{value.year:04}-{value.month:02}-{value.day:02} is not a date"))
+        violations.append(Violation(field, f"{value.year:04}-{value.month:02}-{value.day:02} is not a date", "request.date"))
         return None
 
 
@@ -52,17 +53,31 @@ def timestamp(value: datetime.datetime) -> Timestamp:
 # ------------------------------------------------------------------ names
 
 
-def ruleset_name(value: str, field: str, versioned: bool | None) -> tuple[str, int | None]:
-    """Parse "rulesets/{id}" and/or "rulesets/{id}/versions/{n}" (versioned: required / forbidden / either)."""
+_RULESET_SHAPES = {
+    True: "rulesets/{ruleset}/versions/{version}",
+    False: "rulesets/{ruleset}",
+    None: "rulesets/{ruleset}[/versions/{version}]",
+}
+
+
+def parse_ruleset_name(value: str, field: str, versioned: bool | None, violations: list[Violation]) -> tuple[str, int | None] | None:
+    """Like `ruleset_name`, but a malformed name adds a violation and gives None."""
     match = RULESET_NAME.fullmatch(value or "")
     if not match or (versioned is True and not match.group(2)) or (versioned is False and match.group(2)):
-        shape = {
-            True: "rulesets/{ruleset}/versions/{version}",
-            False: "rulesets/{ruleset}",
-            None: "rulesets/{ruleset}[/versions/{version}]",
-        }
-        raise invalid(f"{field} must look like {shape[versioned]}", [Violation(field, f"{value[:80]!r} is not {shape[versioned]}")])
+        shape = _RULESET_SHAPES[versioned]
+        described = f"{value[:80]!r} is not {shape}" if value else f"required: {shape}"
+        violations.append(Violation(field, described, "request.ruleset_name"))
+        return None
     return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def ruleset_name(value: str, field: str, versioned: bool | None) -> tuple[str, int | None]:
+    """Parse "rulesets/{id}" and/or "rulesets/{id}/versions/{n}" (versioned: required / forbidden / either)."""
+    violations: list[Violation] = []
+    parsed = parse_ruleset_name(value, field, versioned, violations)
+    if parsed is None:
+        raise invalid(f"{field} must look like {_RULESET_SHAPES[versioned]}", violations)
+    return parsed
 
 
 def version_name(ruleset_id: str, version: int) -> str:
@@ -137,30 +152,93 @@ def input_from_dict(data: Mapping[str, Any]) -> pb.SettlementInput:
     return message
 
 
-def check_input(message: pb.SettlementInput, field: str) -> list[Violation]:
-    """Shape checks the engine cannot make (ids, sizes); every problem at once."""
+@dataclass(frozen=True)
+class CheckedInput:
+    """What the shape checks learned: the violations, and what the engine checks need."""
+
+    violations: list[Violation]
+    ruleset: tuple[str, int | None] | None  # (ruleset id, pinned version) when the name parses
+    period_start: datetime.date | None  # when present and a real date
+
+    @property
+    def computable(self) -> bool:
+        """Whether the engine can run on this input (to report its own problems too)."""
+        return self.ruleset is not None and self.period_start is not None
+
+
+def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
+    """Shape checks the engine cannot make (ids, names, dates, sizes); every problem at once."""
     violations: list[Violation] = []
     for name in ("contract_id", "seller_id"):
         value = getattr(message, name)
         if not ID_TEXT.fullmatch(value):
             violations.append(
-                Violation(f"{field}.{name}", "required: 1 to 128 letters, digits or ._:/@- (starting with a letter or digit)")
+                Violation(
+                    f"{field}.{name}",
+                    "required: 1 to 128 letters, digits or ._:/@- (starting with a letter or digit)",
+                    "request.id",
+                )
             )
     if not message.market or len(message.market) > 8:
-        violations.append(Violation(f"{field}.market", "required: a market code such as US, JP, EU, BR"))
+        violations.append(Violation(f"{field}.market", "required: a market code such as US, JP, EU, BR", "request.market"))
+    period_start = None
     if not message.HasField("period_start_date"):
-        violations.append(Violation(f"{field}.period_start_date", "required"))
+        violations.append(Violation(f"{field}.period_start_date", "required", "request.missing"))
+    else:
+        period_start = to_date(message.period_start_date, f"{field}.period_start_date", violations)
+    if message.HasField("period_end_date"):
+        to_date(message.period_end_date, f"{field}.period_end_date", violations)
+    ruleset = parse_ruleset_name(message.ruleset, f"{field}.ruleset", None, violations)
     if len(message.metrics) + len(message.params) > MAX_ENTRIES:
-        violations.append(Violation(f"{field}.metrics", f"at most {MAX_ENTRIES} metrics and params together"))
+        violations.append(Violation(f"{field}.metrics", f"at most {MAX_ENTRIES} metrics and params together", "request.too_many"))
     for section, values in (("metrics", {k: v.value for k, v in message.metrics.items()}), ("params", dict(message.params))):
         for key, value in values.items():
             if len(key) > 64 or len(value) > MAX_TEXT:
-                violations.append(Violation(f"{field}.{section}", f"{key[:64]!r}: names up to 64 and values up to {MAX_TEXT} characters"))
+                violations.append(
+                    Violation(
+                        f"{field}.{section}", f"{key[:64]!r}: names up to 64 and values up to {MAX_TEXT} characters", "request.too_long"
+                    )
+                )
+    for key, metric in message.metrics.items():
+        if len(metric.currency_code) > 8:
+            violations.append(Violation(f"{field}.metrics.{key[:64]}.currency_code", "an ISO 4217 code such as USD", "request.currency"))
     if len(message.fx_rates) > 50:
-        violations.append(Violation(f"{field}.fx_rates", "at most 50 FX rates"))
+        violations.append(Violation(f"{field}.fx_rates", "at most 50 FX rates", "request.too_many"))
+    for i, rate in enumerate(message.fx_rates[:50]):
+        where = f"{field}.fx_rates[{i}]"
+        if max(len(rate.base_currency_code), len(rate.quote_currency_code)) > 8 or len(rate.rate) > MAX_TEXT or len(rate.source) > MAX_TEXT:
+            violations.append(
+                Violation(where, f"currency codes up to 8 and rate and source up to {MAX_TEXT} characters", "request.too_long")
+            )
+        if rate.HasField("as_of_date"):
+            to_date(rate.as_of_date, f"{where}.as_of_date", violations)
     if message.HasField("active_days") and message.active_days < 0:
-        violations.append(Violation(f"{field}.active_days", "must not be negative"))
-    return violations
+        violations.append(Violation(f"{field}.active_days", "must not be negative", "request.active_days"))
+    return CheckedInput(violations, ruleset, period_start)
+
+
+# Engine request paths → the SettlementInput fields they are about.
+_ENGINE_FIELDS = {"market": "market", "period_start": "period_start_date", "active_days": "active_days", "fx_rates": "fx_rates"}
+
+
+def input_violations(problems: Sequence[Problem], field: str) -> list[Violation]:
+    """The engine's request problems as field violations on the proto input's fields.
+
+    Paths the engine reports for a request ("metrics.x", "period_start", …) are mapped to
+    the SettlementInput field names; problems found while computing (a division by zero in
+    a KPI, values too large) concern the input as a whole."""
+    out = []
+    for problem in problems:
+        head, _, rest = problem.path.partition(".")
+        if head in ("metrics", "params"):
+            where = f"{field}.{problem.path}"
+        elif head in _ENGINE_FIELDS:
+            where = f"{field}.{_ENGINE_FIELDS[head]}" + (f".{rest}" if rest else "")
+        else:
+            where = field
+        about = f" ({problem.path})" if where == field and problem.path else ""
+        out.append(Violation(where, f"{problem.code}: {problem.message}{about}", problem.code))
+    return out
 
 
 def engine_request(message: pb.SettlementInput) -> SettlementRequest:
@@ -224,7 +302,7 @@ def settlement_message(
         fx_conversions=[
             pb.FxConversion(
                 metric=f["metric"],
-                rate=pb.FxRate(base_currency_code=f["base"], quote_currency_code=f["quote"], rate=f["rate"], source=f["source"]),
+                rate=_fx_rate(f),
                 amount=f["amount"],
                 converted_amount=f["converted"],
             )
@@ -247,6 +325,17 @@ def settlement_message(
         message.previous_hash = record.previous_hash
         message.create_time.CopyFrom(timestamp(record.create_time))
     return message
+
+
+def _fx_rate(used: Mapping[str, Any]) -> pb.FxRate:
+    """An FX rate the decision used, with the day it is quoted for when the request gave one."""
+    rate = pb.FxRate(base_currency_code=used["base"], quote_currency_code=used["quote"], rate=used["rate"], source=used["source"])
+    try:
+        if used.get("as_of"):
+            rate.as_of_date.CopyFrom(from_date(used["as_of"]))
+    except ValueError:
+        pass  # recorded in decision_json as given
+    return rate
 
 
 def line_deltas(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[dict[str, str]]:

@@ -88,7 +88,9 @@ def as_service_error(error: BaseException) -> ServiceError:
     if isinstance(error, RulesetInvalid):
         return invalid("the ruleset is invalid", problem_violations(error.problems, "source."), "RULESET_INVALID")
     if isinstance(error, RequestInvalid):
-        return invalid("the settlement input is invalid", problem_violations(error.problems, "input."), "INPUT_INVALID")
+        from server.convert import input_violations  # convert builds on this module
+
+        return invalid("the settlement input is invalid", input_violations(error.problems, "input"), "INPUT_INVALID")
     if isinstance(error, ProblemsError):
         return invalid(str(error), problem_violations(error.problems, ""))
     if isinstance(error, NotFound):

@@ -11,20 +11,22 @@ from decimal import Decimal
 from typing import Any
 
 import grpc
+from grpc_status import rpc_status
 from kpisettle.v1 import resources_pb2 as pb
 from kpisettle.v1 import settlement_service_pb2 as ss
 from kpisettle.v1 import settlement_service_pb2_grpc as ss_grpc
 
-from engine import RequestInvalid, compile_ruleset
+from engine import ENGINE_VERSION, Decision, RequestInvalid, compile_ruleset
 from engine.decision import canonical_json
 from engine.explain import explain_decision
 from engine.money import plain
+from engine.settlement import period_bounds
 from server import convert
 from server.auth import Principal, current_principal
 from server.errors import ServiceError, Violation, invalid, rpc_errors, to_status
 from server.paging import decode_token, encode_token, page_size
-from server.storage.interface import Conflict, NewSettlement, SettlementFilter, SettlementRecord, Store
-from server.versions import VersionRegistry
+from server.storage.interface import Conflict, NewSettlement, NotFound, SettlementFilter, SettlementRecord, Store, StoreError
+from server.versions import Chosen, VersionRegistry
 
 log = logging.getLogger("kpisettle.settle")
 
@@ -45,34 +47,33 @@ class Settled:
 
 
 class Settler:
-    """The settle path shared by Settle and SettleBatch (SPEC §7 idempotency and corrections)."""
+    """The settle path shared by Settle, SettleBatch and Simulate (SPEC §7 idempotency and corrections)."""
 
     def __init__(self, store: Store, registry: VersionRegistry) -> None:
         self._store = store
         self._registry = registry
 
     def settle(self, principal: Principal, request_id: str, message: pb.SettlementInput, expected_revision: int | None) -> Settled:
-        _check_request_id(request_id)
-        violations = convert.check_input(message, "input")
-        if violations:
-            raise invalid("the settlement input is invalid", violations, "INPUT_INVALID")
+        tenant = principal.tenant
+        checked = convert.check_input(message, "input")
+        violations = _request_id_violations(request_id) + checked.violations
         if expected_revision is not None and expected_revision < 0:
-            raise invalid("expected_revision must not be negative", [Violation("expected_revision", "negative")])
+            violations.append(Violation("expected_revision", f"{expected_revision} is negative", "request.expected_revision"))
+        if violations:
+            raise self._invalid(tenant, message, checked, violations, allow_draft=False)
+        # Idempotency first (AIP-155): a retry gets the stored decision even if the version
+        # in effect has changed since; nothing is computed or written for it.
         payload = convert.fingerprint_payload(message, expected_revision)
         fingerprint = hashlib.sha256(payload).hexdigest()
-        tenant = principal.tenant
         existing = self._store.settlement_by_request(tenant, request_id)
         if existing is not None:
             return self._replayed(existing, fingerprint)
-        ruleset_id, pinned = convert.ruleset_name(message.ruleset, "input.ruleset", versioned=None)
-        request = convert.engine_request(message)
-        chosen = self._registry.choose(tenant, ruleset_id, pinned, request.period_start, allow_draft=False)
-        decision_object = chosen.compiled.settle(request)
-        _check_period_end(message, decision_object.period_end)
+        chosen, decision_object = self.compute(tenant, message, checked, allow_draft=False)
         decision = decision_object.to_dict()
         decision_json = decision_object.to_canonical_json()
+        period_start = datetime.date.fromisoformat(decision_object.period_start)
         for _ in range(MAX_REVISION_RETRIES):
-            latest = self._store.latest_settlement(tenant, message.contract_id, request.period_start)
+            latest = self._store.latest_settlement(tenant, message.contract_id, period_start)
             previous = convert.load_json(latest.data.decision_json) if latest else None
             deltas = convert.line_deltas(previous, decision)
             new = NewSettlement(
@@ -82,7 +83,7 @@ class Settler:
                 contract_id=message.contract_id,
                 seller_id=message.seller_id,
                 market=message.market,
-                period_start=request.period_start,
+                period_start=period_start,
                 period_end=_date(decision_object.period_end),
                 ruleset_id=chosen.record.ruleset_id,
                 ruleset_version=chosen.record.version,
@@ -105,47 +106,136 @@ class Settler:
                         raise
                     return self._replayed(winner, fingerprint)
                 if conflict.reason == "EXPECTED_REVISION_MISMATCH":
-                    current = latest.revision if latest else 0
+                    current = self._store.latest_settlement(tenant, message.contract_id, period_start)
+                    latest_revision = current.revision if current else 0
+                    metadata = {"expectedRevision": str(expected_revision), "latestRevision": str(latest_revision)}
+                    if current is not None:
+                        metadata["latestSettlement"] = f"settlements/{current.settlement_id}"
                     raise ServiceError(
                         grpc.StatusCode.ABORTED,
                         "REVISION_MISMATCH",
-                        f"expected revision {expected_revision}, but the latest revision of this contract period is {current}",
-                        metadata={"expectedRevision": str(expected_revision), "latestRevision": str(current)},
+                        f"expected revision {expected_revision}, but the latest revision of this contract period is {latest_revision}",
+                        metadata=metadata,
                     ) from conflict
-                if conflict.reason == "REVISION_TAKEN" and expected_revision is None:
-                    continue  # another correction landed first: recompute the deltas against it
+                if conflict.reason == "REVISION_TAKEN":
+                    continue  # another correction landed first: recompute the deltas against it (the store rechecks expected_revision)
                 raise
             return Settled(record, decision, deltas, False)
         raise ServiceError(grpc.StatusCode.ABORTED, "CONTENTION", "too many concurrent corrections of this contract period; retry")
 
+    def simulate(self, tenant: str, message: pb.SettlementInput) -> Decision:
+        checked = convert.check_input(message, "input")
+        if checked.violations:
+            raise self._invalid(tenant, message, checked, list(checked.violations), allow_draft=True)
+        return self.compute(tenant, message, checked, allow_draft=True)[1]
+
+    def compute(
+        self, tenant: str, message: pb.SettlementInput, checked: convert.CheckedInput, allow_draft: bool
+    ) -> tuple[Chosen, Decision]:
+        """The version in effect (or pinned) and the engine's decision; INVALID_ARGUMENT lists every problem."""
+        assert checked.ruleset is not None and checked.period_start is not None
+        chosen = self.choose(tenant, checked.ruleset, checked.period_start, allow_draft)
+        violations: list[Violation] = []
+        decision = self._run_engine(chosen, message, violations)
+        if violations or decision is None:
+            raise invalid("the settlement input is invalid", violations, "INPUT_INVALID")
+        return chosen, decision
+
+    def choose(self, tenant: str, ruleset: tuple[str, int | None], period_start: datetime.date, allow_draft: bool) -> Chosen:
+        """The registry's choice, with NOT_FOUND for a ruleset or pinned version that does not exist.
+
+        A ruleset with no version at all in the caller's tenant is NOT_FOUND (the name is
+        wrong, or another tenant's); one whose versions exist but none is APPROVED and in
+        effect on the period's first day is FAILED_PRECONDITION (SPEC §6)."""
+        ruleset_id, pinned = ruleset
+        try:
+            return self._registry.choose(tenant, ruleset_id, pinned, period_start, allow_draft=allow_draft)
+        except NotFound as missing:
+            name = f"rulesets/{ruleset_id}/versions/{pinned}"
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                "RULESET_VERSION_NOT_FOUND",
+                f"{name} does not exist",
+                metadata={"rulesetVersion": name},
+            ) from missing
+        except ServiceError as error:
+            if error.reason == "NO_VERSION_IN_EFFECT" and not self._store.list_ruleset_versions(tenant, ruleset_id, 1, None):
+                raise ServiceError(
+                    grpc.StatusCode.NOT_FOUND,
+                    "RULESET_NOT_FOUND",
+                    f"rulesets/{ruleset_id} does not exist",
+                    metadata={"ruleset": f"rulesets/{ruleset_id}"},
+                ) from error
+            raise
+
+    @staticmethod
+    def _run_engine(chosen: Chosen, message: pb.SettlementInput, violations: list[Violation]) -> Decision | None:
+        """Settle with the engine; its request problems (and a wrong period_end_date) go to `violations`."""
+        request = convert.engine_request(message)
+        bounds = period_bounds(request.period_start, chosen.compiled.ruleset.period)
+        if bounds is not None:  # a misaligned start is the engine's to report
+            _check_period_end(message, bounds[1].isoformat(), violations)
+        try:
+            decision = chosen.compiled.settle(request)
+        except RequestInvalid as exc:
+            reported = {v.field for v in violations}
+            violations.extend(v for v in convert.input_violations(exc.problems, "input") if v.field not in reported)
+            return None
+        return decision
+
+    def _invalid(
+        self, tenant: str, message: pb.SettlementInput, checked: convert.CheckedInput, violations: list[Violation], allow_draft: bool
+    ) -> ServiceError:
+        """INVALID_ARGUMENT for the shape violations, plus the engine's own findings when it can run,
+        so that the caller learns of every problem at once."""
+        if checked.computable:
+            assert checked.ruleset is not None and checked.period_start is not None
+            try:
+                chosen = self.choose(tenant, checked.ruleset, checked.period_start, allow_draft)
+            except (ServiceError, StoreError):
+                pass  # no version to check against: the shape problems are what there is to report
+            else:
+                self._run_engine(chosen, message, violations)
+        return invalid("the settlement input is invalid", violations, "INPUT_INVALID")
+
     def _replayed(self, existing: SettlementRecord, fingerprint: str) -> Settled:
         if existing.data.request_fingerprint != fingerprint:
+            name = f"settlements/{existing.settlement_id}"
             raise ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS,
                 "REQUEST_ID_REUSED",
-                f"request_id {existing.data.request_id!r} was already used with a different payload (settlements/{existing.settlement_id})",
-                metadata={"requestId": existing.data.request_id, "settlement": f"settlements/{existing.settlement_id}"},
+                f"request_id {existing.data.request_id!r} was already used with a different payload ({name})",
+                metadata={"requestId": existing.data.request_id, "settlement": name},
             )
         return Settled(existing, convert.load_json(existing.data.decision_json), convert.load_json(existing.data.deltas_json), True)
 
 
-def _check_request_id(request_id: str) -> None:
-    if not request_id or len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
-        raise invalid("request_id is required", [Violation("request_id", f"1 to {MAX_REQUEST_ID} printable characters")])
+def _request_id_violations(request_id: str) -> list[Violation]:
+    if request_id and len(request_id) <= MAX_REQUEST_ID and request_id.isprintable():
+        return []
+    described = f"1 to {MAX_REQUEST_ID} printable characters"
+    return [Violation("request_id", described if request_id else f"required: {described}", "request.request_id")]
 
 
-def _check_period_end(message: pb.SettlementInput, period_end: str) -> None:
+def _check_period_end(message: pb.SettlementInput, period_end: str, violations: list[Violation]) -> None:
     if message.HasField("period_end_date"):
         given = f"{message.period_end_date.year:04}-{message.period_end_date.month:02}-{message.period_end_date.day:02}"
         if given != period_end:
-            raise invalid(
-                "period_end_date does not end the ruleset's period",
-                [Violation("input.period_end_date", f"{given}; the period ends {period_end}")],
-            )
+            violations.append(Violation("input.period_end_date", f"{given}; the period ends {period_end}", "request.period_end"))
 
 
 def _date(text: str) -> datetime.date:
     return datetime.date.fromisoformat(text)
+
+
+def chain_record_name(key: str) -> str:
+    """A chain link's key as the resource it is: settlements/{id}, rulesets/{id}/versions/{n}[ EVENT]."""
+    if "@" not in key:
+        return f"settlements/{key}" if key else ""
+    ruleset_id, _, rest = key.partition("@")
+    version, _, action = rest.partition(":")
+    name = f"rulesets/{ruleset_id}/versions/{version}"
+    return f"{name} {action} event" if action else name
 
 
 class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc]
@@ -165,9 +255,17 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
         index = 0
         for batch in requests:
             if len(batch.items) > MAX_BATCH_ITEMS_PER_MESSAGE:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_BATCH_ITEMS_PER_MESSAGE} items per message")
+                too_many = ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "BATCH_TOO_LARGE",
+                    f"a message carried {len(batch.items)} items; at most {MAX_BATCH_ITEMS_PER_MESSAGE} per message (send more messages)",
+                    metadata={"maxItems": str(MAX_BATCH_ITEMS_PER_MESSAGE), "items": str(len(batch.items))},
+                )
+                context.abort_with_status(rpc_status.to_status(to_status(too_many)))
             response = ss.SettleBatchResponse()
             for item in batch.items:
+                if not context.is_active():  # the caller went away or the deadline passed: settle nothing more
+                    return
                 result = ss.SettleBatchResult(request_id=item.request_id, item_index=index)
                 index += 1
                 expected = item.expected_revision if item.HasField("expected_revision") else None
@@ -184,14 +282,7 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
     @rpc_errors
     def Simulate(self, request: ss.SimulateRequest, context: grpc.ServicerContext) -> ss.SimulateResponse:
         message = request.input
-        violations = convert.check_input(message, "input")
-        if violations:
-            raise invalid("the settlement input is invalid", violations, "INPUT_INVALID")
-        ruleset_id, pinned = convert.ruleset_name(message.ruleset, "input.ruleset", versioned=None)
-        engine_request = convert.engine_request(message)
-        chosen = self._registry.choose(current_principal().tenant, ruleset_id, pinned, engine_request.period_start, allow_draft=True)
-        decision = chosen.compiled.settle(engine_request)
-        _check_period_end(message, decision.period_end)
+        decision = self._settler.simulate(current_principal().tenant, message)
         settlement = convert.settlement_message(decision.to_dict(), None, [], convert.fingerprint_payload(message, None))
         settlement.contract_id, settlement.seller_id = message.contract_id, message.seller_id
         return ss.SimulateResponse(settlement=settlement)
@@ -217,28 +308,31 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
             if request.HasField("period_start_to_date")
             else None
         )
-        ruleset_id = convert.ruleset_name(request.ruleset, "ruleset", versioned=False)[0] if request.ruleset else None
+        ruleset = convert.parse_ruleset_name(request.ruleset, "ruleset", False, violations) if request.ruleset else None
+        if request.page_size < 0:
+            violations.append(Violation("page_size", f"{request.page_size} is negative"))
         if violations:
-            raise invalid("the filter is invalid", violations)
+            raise invalid("the list request is invalid", violations)
         where = SettlementFilter(
             contract_id=request.contract_id or None,
             seller_id=request.seller_id or None,
             market=request.market or None,
-            ruleset_id=ruleset_id,
+            ruleset_id=ruleset[0] if ruleset else None,
             period_from=period_from,
             period_to=period_to,
             latest_only=not request.include_superseded,
         )
         size = page_size(request.page_size)
-        token = decode_token("settlements", request.page_token)
-        after = (_date(token[0]), token[1], int(token[2])) if token else None
+        after = _list_position(request.page_token, _filter_digest(where))
         records = self._store.list_settlements(current_principal().tenant, where, size + 1, after)
         more = len(records) > size
         records = records[:size]
         next_token = ""
         if more and records:
             last = records[-1]
-            next_token = encode_token("settlements", [last.data.period_start.isoformat(), last.data.contract_id, last.revision])
+            next_token = encode_token(
+                "settlements", [last.data.period_start.isoformat(), last.data.contract_id, last.revision, _filter_digest(where)]
+            )
         messages = [
             Settled(r, convert.load_json(r.data.decision_json), convert.load_json(r.data.deltas_json), False).message() for r in records
         ]
@@ -280,25 +374,37 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
 
     @rpc_errors
     def ReplaySettlement(self, request: ss.ReplaySettlementRequest, context: grpc.ServicerContext) -> ss.ReplaySettlementResponse:
-        settled = self._stored(request.name)
-        data = settled.record.data
+        record = self._store.get_settlement(current_principal().tenant, convert.settlement_id(request.name))
+        data = record.data
         stored_version = self._store.get_ruleset_version(data.tenant, data.ruleset_id, data.ruleset_version)
         compiled = compile_ruleset(stored_version.source, stored_version.version)
         try:
-            message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
             try:
-                replayed = compiled.settle(convert.engine_request(message)).to_canonical_json()
+                message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
+                engine_request = convert.engine_request(message)
+            except (ValueError, KeyError, TypeError) as exc:  # the stored request was damaged (VerifyAuditLog says where)
+                return ss.ReplaySettlementResponse(
+                    match=False, first_difference=f"the stored inputs cannot be read: {type(exc).__name__}", engine_version=ENGINE_VERSION
+                )
+            try:
+                replayed = compiled.settle(engine_request).to_canonical_json()
             except RequestInvalid as exc:
-                return ss.ReplaySettlementResponse(match=False, first_difference=f"the stored inputs no longer settle: {exc}")
+                return ss.ReplaySettlementResponse(
+                    match=False, first_difference=f"the stored inputs no longer settle: {exc}", engine_version=ENGINE_VERSION
+                )
         finally:
             compiled.close()
+        engine_version = str(convert.load_json(replayed)["engine_version"])
         if replayed == data.decision_json:
-            return ss.ReplaySettlementResponse(match=True, engine_version=convert.load_json(replayed)["engine_version"])
-        return ss.ReplaySettlementResponse(
-            match=False,
-            first_difference=first_difference(convert.load_json(data.decision_json), convert.load_json(replayed)),
-            engine_version=convert.load_json(replayed)["engine_version"],
-        )
+            return ss.ReplaySettlementResponse(match=True, engine_version=engine_version)
+        try:
+            stored: Any = convert.load_json(data.decision_json)
+        except ValueError:
+            stored = data.decision_json.decode("utf-8", "replace")
+        difference = first_difference(stored, convert.load_json(replayed))
+        if not difference:  # equal values, different bytes
+            difference = "decision_json: same values, different bytes"
+        return ss.ReplaySettlementResponse(match=False, first_difference=difference, engine_version=engine_version)
 
     @rpc_errors
     def VerifyAuditLog(self, request: ss.VerifyAuditLogRequest, context: grpc.ServicerContext) -> ss.VerifyAuditLogResponse:
@@ -311,8 +417,50 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
             records_checked=report.records,
             failed_sequence=problem.chain_seq,
             failure=problem.kind.value,
-            failed_record=problem.key,
+            failed_record=chain_record_name(problem.key),
         )
+
+
+def _filter_digest(where: SettlementFilter) -> str:
+    """Binds a page token to the filters it was made for (AIP-158)."""
+    fields = [
+        where.contract_id,
+        where.seller_id,
+        where.market,
+        where.ruleset_id,
+        where.period_from.isoformat() if where.period_from else None,
+        where.period_to.isoformat() if where.period_to else None,
+        where.latest_only,
+    ]
+    return hashlib.sha256(canonical_json(fields)).hexdigest()[:16]
+
+
+def _list_position(token: str, digest: str) -> tuple[datetime.date, str, int] | None:
+    """The position a ListSettlements page token continues from; INVALID_ARGUMENT for any other token."""
+    damaged = invalid(
+        "page_token is not a token this list returned for these filters",
+        [Violation("page_token", "unknown or damaged token, or one made for other filters")],
+    )
+    try:
+        key = decode_token("settlements", token)
+    except KeyError as exc:  # decodable, but without its key
+        raise damaged from exc
+    if key is None:
+        return None
+    try:
+        start, contract_id, revision, bound = key
+        if (
+            bound == digest
+            and isinstance(start, str)
+            and isinstance(contract_id, str)
+            and len(contract_id) <= convert.MAX_ID
+            and type(revision) is int
+            and 0 < revision < 2**31
+        ):
+            return _date(start), contract_id, revision
+    except (TypeError, ValueError):
+        pass
+    raise damaged
 
 
 def first_difference(stored: Any, replayed: Any, path: str = "") -> str:
