@@ -363,9 +363,9 @@ def load_json(data: bytes) -> Any:
 # ------------------------------------------------------------------ ruleset versions
 
 _STATES = {
-    VersionStatus.DRAFT: pb.RulesetVersion.DRAFT,
-    VersionStatus.APPROVED: pb.RulesetVersion.APPROVED,
-    VersionStatus.RETIRED: pb.RulesetVersion.RETIRED,
+    VersionStatus.DRAFT: pb.RulesetVersion.STATE_DRAFT,
+    VersionStatus.APPROVED: pb.RulesetVersion.STATE_APPROVED,
+    VersionStatus.RETIRED: pb.RulesetVersion.STATE_RETIRED,
 }
 
 

@@ -29,7 +29,7 @@ from tests.server_harness import RULESETS, Running, us_input
 US_PATH = RULESETS / "us-managed-standard.yaml"
 US = US_PATH.read_text(encoding="utf-8")
 US_NAME = "rulesets/us-managed-standard"
-DRAFT, APPROVED, RETIRED = pb.RulesetVersion.DRAFT, pb.RulesetVersion.APPROVED, pb.RulesetVersion.RETIRED
+DRAFT, APPROVED, RETIRED = pb.RulesetVersion.STATE_DRAFT, pb.RulesetVersion.STATE_APPROVED, pb.RulesetVersion.STATE_RETIRED
 
 
 # ------------------------------------------------------------------ helpers

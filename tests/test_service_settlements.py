@@ -470,7 +470,7 @@ def test_settle_chooses_an_existing_approved_version(running: Running) -> None:
     # a draft exists: the ruleset is known, but nothing settles under a draft
     draft_source = US_SOURCE.replace("title: US managed store", "title: US store")
     draft = client.call("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=draft_source), "admin").ruleset_version
-    assert draft.name == f"{US}/versions/2" and draft.state == pb.RulesetVersion.DRAFT
+    assert draft.name == f"{US}/versions/2" and draft.state == pb.RulesetVersion.STATE_DRAFT
     fails(lambda: settle_with(draft.name), grpc.StatusCode.FAILED_PRECONDITION, "VERSION_NOT_USABLE")
     assert records(client) == before + 2  # the draft's version and its CREATED event
     assert settle_with(f"{US}/versions/1").settlement.ruleset_version == f"{US}/versions/1"
@@ -788,7 +788,7 @@ def test_simulate_stores_nothing_and_may_use_a_draft(running: Running) -> None:
     )
     assert draft_source != source
     draft = client.call("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=draft_source), "admin").ruleset_version
-    assert draft.state == pb.RulesetVersion.DRAFT
+    assert draft.state == pb.RulesetVersion.STATE_DRAFT
     pinned = ex1("C-sim")
     pinned.ruleset = draft.name
     on_draft = client.call("Simulate", ss.SimulateRequest(input=pinned), "erp").settlement

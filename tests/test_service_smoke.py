@@ -32,4 +32,4 @@ def test_settle_and_audit_one_month(running: Running) -> None:
 def rs_state_approved() -> int:
     from kpisettle.v1 import resources_pb2
 
-    return resources_pb2.RulesetVersion.APPROVED
+    return resources_pb2.RulesetVersion.STATE_APPROVED
