@@ -17,6 +17,7 @@ clamped, which keeps every comparison with a literal inside that range unchanged
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -304,9 +305,12 @@ def check_condition(condition: Condition, name_types: Mapping[str, Type], integr
 
 def _scaled(value: Decimal, field: _Field) -> int:
     shifted = value.scaleb(field.places, ARITHMETIC) if field.places else value
-    if field.rounding:
-        shifted = shifted.to_integral_value(rounding=field.rounding, context=ARITHMETIC)
-    number = int(shifted)
+    if field.rounding == ROUND_FLOOR:
+        number = math.floor(shifted)
+    elif field.rounding == ROUND_CEILING:
+        number = math.ceil(shifted)
+    else:
+        number = int(shifted)
     if number >= VALUE_LIMIT:
         return VALUE_LIMIT
     if number <= -VALUE_LIMIT:

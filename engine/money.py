@@ -120,5 +120,7 @@ def round_to_currency(value: Decimal, places: int, rounding: Rounding) -> Decima
 
 def plain(value: Decimal) -> str:
     """Decimal text without exponent, exactly as computed (`1E+3` → `1000`)."""
-    text = format(value, "f")
+    text = str(value)  # plain notation unless the exponent is > 0 or very negative
+    if "E" in text:
+        text = format(value, "f")
     return text[1:] if text[0] == "-" and value.is_zero() else text
