@@ -17,8 +17,8 @@ clamped, which keeps every comparison with a literal inside that range unchanged
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
