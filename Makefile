@@ -28,8 +28,8 @@ run: setup  ## start the service on 127.0.0.1:50051 with SQLite in var/ and the 
 	$(PY) -m server.dev
 
 lint: setup  ## ruff and mypy
-	$(VENV)/bin/ruff check engine server proto tests benchmarks
-	$(VENV)/bin/ruff format --check engine server proto tests benchmarks
+	$(VENV)/bin/ruff check engine server clients proto tests benchmarks
+	$(VENV)/bin/ruff format --check engine server clients proto tests benchmarks
 	$(VENV)/bin/mypy
 
 test: setup lint  ## the whole suite

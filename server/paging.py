@@ -13,11 +13,11 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 
-def page_size(requested: int) -> int:
+def page_size(requested: int, maximum: int = MAX_PAGE_SIZE) -> int:
     """0 → the default; above the maximum → the maximum; negative → INVALID_ARGUMENT."""
     if requested < 0:
         raise invalid("page_size must not be negative", [Violation("page_size", f"{requested} is negative")])
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+    return min(DEFAULT_PAGE_SIZE, maximum) if requested == 0 else min(requested, maximum)
 
 
 def encode_token(kind: str, key: Any) -> str:

@@ -32,6 +32,8 @@ log = logging.getLogger("kpisettle.settle")
 
 MAX_REQUEST_ID = 128
 MAX_BATCH_ITEMS_PER_MESSAGE = 1000
+MAX_RESPONSE_BYTES = 1024 * 1024  # well under the 4 MiB message limit
+MAX_SETTLEMENTS_PAGE = 200  # full settlements: a page stays under the 4 MiB message limit
 MAX_REVISION_RETRIES = 8
 
 
@@ -262,7 +264,7 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
                     metadata={"maxItems": str(MAX_BATCH_ITEMS_PER_MESSAGE), "items": str(len(batch.items))},
                 )
                 context.abort_with_status(rpc_status.to_status(to_status(too_many)))
-            response = ss.SettleBatchResponse()
+            response, size = ss.SettleBatchResponse(), 0
             for item in batch.items:
                 if not context.is_active():  # the caller went away or the deadline passed: settle nothing more
                     return
@@ -277,7 +279,12 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
                     result.settlement.CopyFrom(settled.message())
                     result.deduplicated = settled.deduplicated
                 response.results.append(result)
-            yield response
+                size += result.ByteSize()
+                if size > MAX_RESPONSE_BYTES:  # answers of one message may span several responses
+                    yield response
+                    response, size = ss.SettleBatchResponse(), 0
+            if response.results or not batch.items:  # an empty message gets an empty answer
+                yield response
 
     @rpc_errors
     def Simulate(self, request: ss.SimulateRequest, context: grpc.ServicerContext) -> ss.SimulateResponse:
@@ -322,7 +329,7 @@ class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc
             period_to=period_to,
             latest_only=not request.include_superseded,
         )
-        size = page_size(request.page_size)
+        size = page_size(request.page_size, MAX_SETTLEMENTS_PAGE)
         after = _list_position(request.page_token, _filter_digest(where))
         records = self._store.list_settlements(current_principal().tenant, where, size + 1, after)
         more = len(records) > size

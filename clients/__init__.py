@@ -1,0 +1,1 @@
+"""Clients of the kpisettle service: the Python library (`clients.kpisettle_client`)."""
