@@ -5,7 +5,6 @@ Parts are NamedTuples (immutable and cheap to build: a decision has dozens of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -59,8 +58,9 @@ class RaisedWarning(NamedTuple):
     evidence: str
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """The complete, immutable decision (a NamedTuple: built once per settlement, cheaply)."""
+
     ruleset_id: str
     ruleset_version: int | None
     content_hash: str

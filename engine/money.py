@@ -23,6 +23,7 @@ MAX_INTEGER_DIGITS = 18
 MAX_FRACTION_DIGITS = 10
 
 _DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+)(?:\.([0-9]+))?")  # ASCII digits only
+PLAIN_COUNT = re.compile(r"[0-9]{1,18}")  # a count as usually sent: a non-negative whole number
 PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,10})?")  # the common case, checked in one step
 
 #: Every exact computation runs in this context: 34 digits (decimal128), traps on.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
 from engine.expressions import Env, Explainer, Scalar, ZeroDivision
 from engine.model import Fee, FeeKind, Input, Payout, Period, TierMode, ValueType
-from engine.money import ARITHMETIC, PLAIN_DECIMAL, DecimalTextError, Rounding, is_currency, parse_decimal, round_to_currency
+from engine.money import ARITHMETIC, PLAIN_COUNT, PLAIN_DECIMAL, DecimalTextError, Rounding, is_currency, parse_decimal, round_to_currency
 from engine.problems import Problem, RequestInvalid
 from engine.request import MoneyAmount, SettlementRequest
 from engine.version import ENGINE_VERSION
@@ -88,7 +88,7 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     # 3. exemptions, decided by the matcher over metrics and params
     applied = _decide(compiled.exemption_matcher.decide, env, "exemptions")
     exemptions = tuple(
-        ExemptionOutcome(e.name, e.name in applied, compiled.explainers[e.name](env), e.label.en, e.label.zh) for e in ruleset.exemptions
+        [ExemptionOutcome(e.name, e.name in applied, compiled.explainers[e.name](env), e.label.en, e.label.zh) for e in ruleset.exemptions]
     )
     # 4. target proration
     days = ZERO
@@ -116,7 +116,7 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
             env[kpi.name] = kpi.on_zero_division
     # 6. every condition, decided by the matcher
     fired = _decide(compiled.condition_matcher.decide, env, "conditions")
-    rules = tuple(RuleOutcome(r.rule, r.kind, r.rule in fired, r.explain(env)) for r in compiled.rules)
+    rules = tuple([RuleOutcome(r.rule, r.kind, r.rule in fired, r.explain(env)) for r in compiled.rules])
     # 7. fee lines
     lines: list[Line] = []
     penalty_ids: list[str] = []
@@ -276,7 +276,7 @@ def _read_inputs(
             value = _money(raw, item, f"{section}.{item.name}", problems, compiled.ruleset.currency, request, fx_used)
             if value is not None:
                 env[item.name] = value
-        elif type(raw) is str and item.type is not ValueType.COUNT and PLAIN_DECIMAL.fullmatch(raw):
+        elif type(raw) is str and (PLAIN_COUNT if item.type is ValueType.COUNT else PLAIN_DECIMAL).fullmatch(raw):
             env[item.name] = Decimal(raw)  # the common case, checked in one step
         else:
             value = _parse(raw, item, section, problems)
