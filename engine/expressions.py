@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from enum import StrEnum
+from typing import Any
 
 from engine.money import ARITHMETIC, DecimalTextError, parse_decimal, plain
 
@@ -531,7 +532,7 @@ def compile_expression(text: str, name_types: Mapping[str, Type], want: Type | N
 # ---------------------------------------------------------------- evidence
 
 
-Explainer = Callable[[Env], str]
+Explainer = Callable[[Env, dict[Any, str]], str]  # (values, per-settlement memo of shown values)
 
 
 def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
@@ -545,17 +546,17 @@ def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
         places = 0 if is_integral(node.left, integral) and is_integral(node.right, integral) else _literal_places(node)
         left, right = _side(node.left, places), _side(node.right, places)
         op = node.op
-        return lambda env: f"{left(env)} {op} {right(env)}"
+        return lambda env, memo: f"{left(env, memo)} {op} {right(env, memo)}"
     if isinstance(node, Logic):
         parts = tuple((compile_evidence(o, integral), isinstance(o, Logic)) for o in node.operands)
         joiner = f" {node.op} "
-        return lambda env: joiner.join(f"({p(env)})" if nested else p(env) for p, nested in parts)
+        return lambda env, memo: joiner.join(f"({p(env, memo)})" if nested else p(env, memo) for p, nested in parts)
     if isinstance(node, Not):
         inner = compile_evidence(node.operand, integral)
-        return lambda env: f"not ({inner(env)})"
+        return lambda env, memo: f"not ({inner(env, memo)})"
     value_of, text = compile_node(node), source_text(node)
 
-    def value(env: Env) -> str:
+    def value(env: Env, memo: dict[Any, str]) -> str:
         try:
             v = value_of(env)
         except ZeroDivision:
@@ -609,17 +610,23 @@ _QUANTA = {p: Decimal(1).scaleb(-p) for p in range(64)}
 def _side(node: Node, places: int) -> Explainer:
     if isinstance(node, Num):
         shown = shown_value(node.value, places)
-        return lambda env: shown
+        return lambda env, memo: shown
     if isinstance(node, Str):
         quoted = node.value
-        return lambda env: quoted
+        return lambda env, memo: quoted
     value_of, prefix = compile_node(node), source_text(node) + " "
+    key = (prefix, places)  # the same probe shown the same way in several rules: format it once
 
-    def side(env: Env) -> str:
-        try:
-            value = value_of(env)
-        except ZeroDivision:  # only reachable in a part the condition's outcome does not depend on
-            return prefix + "undefined (division by zero)"
-        return prefix + (shown_value(value, places) if isinstance(value, Decimal) else str(value))
+    def side(env: Env, memo: dict[Any, str]) -> str:
+        text = memo.get(key)
+        if text is None:
+            try:
+                value = value_of(env)
+            except ZeroDivision:  # only reachable in a part the condition's outcome does not depend on
+                text = prefix + "undefined (division by zero)"
+            else:
+                text = prefix + (shown_value(value, places) if isinstance(value, Decimal) else str(value))
+            memo[key] = text
+        return text
 
     return side

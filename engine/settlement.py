@@ -8,7 +8,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, DecimalException
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
 from engine.expressions import Env, Explainer, Scalar, ZeroDivision
@@ -87,8 +87,12 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
 
     # 3. exemptions, decided by the matcher over metrics and params
     applied = _decide(compiled.exemption_matcher.decide, env, "exemptions")
+    memo: dict[Any, str] = {}  # shown values of this settlement's evidence (exemptions)
     exemptions = tuple(
-        [ExemptionOutcome(e.name, e.name in applied, compiled.explainers[e.name](env), e.label.en, e.label.zh) for e in ruleset.exemptions]
+        [
+            ExemptionOutcome(e.name, e.name in applied, compiled.explainers[e.name](env, memo), e.label.en, e.label.zh)
+            for e in ruleset.exemptions
+        ]
     )
     # 4. target proration
     days = ZERO
@@ -116,7 +120,8 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
             env[kpi.name] = kpi.on_zero_division
     # 6. every condition, decided by the matcher
     fired = _decide(compiled.condition_matcher.decide, env, "conditions")
-    rules = tuple([RuleOutcome(r.rule, r.kind, r.rule in fired, r.explain(env)) for r in compiled.rules])
+    memo = {}  # values may have changed since the exemptions (targets, KPIs): a fresh memo
+    rules = tuple([RuleOutcome(r.rule, r.kind, r.rule in fired, r.explain(env, memo)) for r in compiled.rules])
     # 7. fee lines
     lines: list[Line] = []
     penalty_ids: list[str] = []
@@ -201,7 +206,7 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     total = sum((ln.amount for ln in lines), ZERO)
     # 11. warnings
     warnings = tuple(
-        RaisedWarning(w.id, w.message.en, w.message.zh, compiled.explainers[w.id](env)) for w in ruleset.warnings if w.id in fired
+        RaisedWarning(w.id, w.message.en, w.message.zh, compiled.explainers[w.id](env, memo)) for w in ruleset.warnings if w.id in fired
     )
     return Decision(
         ruleset_id=ruleset.id,
