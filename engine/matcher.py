@@ -205,6 +205,7 @@ class _Partition:
             },
             sort_keys=True,
         )
+        self.probes: list[tuple[_Field, Callable[[Env], Decimal]]] = []
         self.handle = -1
         self.build()
 
@@ -263,6 +264,8 @@ class Matcher:
             batch.append(rule)
         if batch:
             self.partitions.append(_Partition(batch))
+        for partition in self.partitions:  # each field with its probe, looked up once
+            partition.probes = [(field, self.probes[field.probe]) for field in partition.fields]
         self._lock = threading.Lock()
         self._closed = False
 
@@ -272,10 +275,10 @@ class Matcher:
         facts: list[dict[str, int]] = []
         for partition in self.partitions:
             fact: dict[str, int] = {}
-            for field in partition.fields:
+            for field, probe in partition.probes:
                 value = probe_values.get(field.probe)
                 if value is None:
-                    value = probe_values[field.probe] = self.probes[field.probe](env)
+                    value = probe_values[field.probe] = probe(env)
                 fact[field.name] = _scaled(value, field)
             facts.append(fact)
         fired: set[str] = set()

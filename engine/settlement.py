@@ -178,7 +178,9 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
             )
     limits = ruleset.total_limits
     if limits is not None:
-        subtotal = sum((ln.amount for ln in lines), ZERO)
+        subtotal = ZERO
+        for line in lines:
+            subtotal = ctx.add(subtotal, line.amount)
         if limits.min is not None and subtotal < limits.min:
             lines.append(
                 _adjustment(
@@ -203,7 +205,9 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
                     None,
                 )
             )
-    total = sum((ln.amount for ln in lines), ZERO)
+    total = ZERO
+    for line in lines:
+        total = ctx.add(total, line.amount)
     # 11. warnings
     warnings = tuple(
         RaisedWarning(w.id, w.message.en, w.message.zh, compiled.explainers[w.id](env, memo)) for w in ruleset.warnings if w.id in fired
