@@ -489,8 +489,8 @@ def compile_node(node: Node) -> Evaluator:
         only = args[0]
         return lambda env: ctx.abs(only(env))  # type: ignore[arg-type]
     if node.function == "min":
-        return lambda env: min(a(env) for a in args)  # type: ignore[type-var]
-    return lambda env: max(a(env) for a in args)  # type: ignore[type-var]
+        return lambda env: min(a(env) for a in args)
+    return lambda env: max(a(env) for a in args)
 
 
 def _comparator(test: Callable[[Scalar, Scalar], bool]) -> Callable[[Evaluator, Evaluator], Evaluator]:

@@ -472,7 +472,7 @@ class RulesetBuilder:
             if not isinstance(item, dict):
                 self.check.report("type.mapping", path, f"expected a fee, got {_kind(item)}")
                 continue
-            kind = self.check.choice(item, "kind", child_path(path, "kind"), FeeKind, None)  # type: ignore[arg-type]
+            kind = self.check.choice(item, "kind", child_path(path, "kind"), FeeKind, None)
             fee_id = item.get("id")
             if kind is None or not isinstance(fee_id, str) or self.kinds.get(fee_id) != ("fees", position):
                 if "kind" not in item:

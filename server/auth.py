@@ -122,7 +122,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return token
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticates every call and authorises it against PERMISSIONS.
 
     Health and reflection are public. While `draining` is set (the server is shutting

@@ -100,7 +100,7 @@ def _list_token(parent: str, token: str) -> tuple[str, int] | None:
     raise damaged
 
 
-class RulesetService(rs_grpc.RulesetServiceServicer):  # type: ignore[misc]
+class RulesetService(rs_grpc.RulesetServiceServicer):
     def __init__(self, store: Store, registry: VersionRegistry) -> None:
         self._store = store
         self._registry = registry

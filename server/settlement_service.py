@@ -240,7 +240,7 @@ def chain_record_name(key: str) -> str:
     return f"{name} {action} event" if action else name
 
 
-class SettlementService(ss_grpc.SettlementServiceServicer):  # type: ignore[misc]
+class SettlementService(ss_grpc.SettlementServiceServicer):
     def __init__(self, store: Store, registry: VersionRegistry) -> None:
         self._store = store
         self._registry = registry
