@@ -13,8 +13,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 
-def page_size(requested: int, maximum: int = MAX_PAGE_SIZE) -> int:
+def page_size(requested: int, maximum: int | None = None) -> int:
     """0 → the default; above the maximum → the maximum; negative → INVALID_ARGUMENT."""
+    maximum = MAX_PAGE_SIZE if maximum is None else maximum  # read at call time (tests lower it)
     if requested < 0:
         raise invalid("page_size must not be negative", [Violation("page_size", f"{requested} is negative")])
     return min(DEFAULT_PAGE_SIZE, maximum) if requested == 0 else min(requested, maximum)
