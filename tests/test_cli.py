@@ -226,3 +226,129 @@ def test_validate_runs_offline_as_a_module(tmp_path: Path) -> None:
     assert out[first + 2] == "    " + " " * 10 + "^"
     good = subprocess.run([*command, "rulesets/us-managed-standard.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and "ok" in good.stdout and good.stderr == ""
+
+
+# ------------------------------------------------------------------ settle --batch
+
+BATCH_HEADER = ["contract_id", "seller_id", "market", "period_start", "ruleset", "param:gmv_target", *(f"metric:{m}" for m in US_METRICS)]
+
+
+def batch_row(contract: str) -> list[str]:
+    return [contract, "S-1", "US", "2026-03-01", "us-managed-standard", "100000", *US_METRICS.values()]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def records_checked(running: Running, capsys: pytest.CaptureFixture[str]) -> int:
+    code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", "audit", "verify"))
+    assert code == 0 and json.loads(out)["ok"] is True
+    return int(json.loads(out)["records_checked"])
+
+
+def test_settle_batch_csv_and_rerun_settles_nothing_twice(running: Running, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    running.client.load_shipped_rulesets()
+    rows = write_csv(tmp_path / "month.csv", BATCH_HEADER, [batch_row(f"C-{n:03}") for n in range(1, 51)])
+    results = tmp_path / "results.jsonl"
+    before = records_checked(running, capsys)
+
+    batch = ["--format", "json", "settle", "--batch", str(rows), "--items-per-message", "7"]
+    code, out, err = cli(capsys, *as_(running, "erp", *batch, "--results", str(results)))
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["rows"], report["settled"], report["deduplicated"], report["failed"]) == (50, 50, 0, 0)
+    assert report["totals"] == [{"currency": "USD", "settlements": 50, "total": "587500.00"}]
+    assert "50 rows: 50 settled" in err
+    answers = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    assert [a["row"] for a in answers] == list(range(1, 51))
+    assert [a["contract_id"] for a in answers] == [f"C-{n:03}" for n in range(1, 51)]
+    assert {(a["total"], a["currency"], a["deduplicated"], a["error_code"]) for a in answers} == {("11750.00", "USD", False, None)}
+    assert all(a["name"].startswith("settlements/") and a["request_id"].startswith(a["contract_id"] + "/2026-03-01/") for a in answers)
+    assert all(a["period_start"] == "2026-03-01" for a in answers)
+    after = records_checked(running, capsys)
+    assert after > before
+
+    # the same file again, results as CSV and the summary as a table: everything deduplicated, nothing stored
+    again = tmp_path / "again.csv"
+    code, out, err = cli(capsys, *as_(running, "erp", "settle", "--batch", str(rows), "--results", str(again)))
+    assert code == 0, err
+    head = summary(out)
+    assert (head["rows"], head["settled"], head["deduplicated"], head["failed"]) == ("50", "0", "50", "0")
+    assert "587500.00" in out
+    rerun = list(csv.DictReader(again.open(encoding="utf-8", newline="")))
+    assert [r["name"] for r in rerun] == [a["name"] for a in answers]
+    assert {(r["total"], r["deduplicated"], r["error_code"]) for r in rerun} == {("11750.00", "true", "")}
+    assert records_checked(running, capsys) == after
+    code, out, _ = cli(capsys, *as_(running, "erp", "--format", "json", "list", "--market", "US"))
+    assert code == 0 and len(json.loads(out)) == 50
+
+
+def test_settle_batch_failed_rows_jsonl_and_malformed_files(running: Running, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    running.client.load_shipped_rulesets()
+    # one row with an unknown metric: that row fails with its reason (exit 1), the others settle
+    header = [*BATCH_HEADER, "metric:bogus_metric", "request_id"]
+    rows = [[*batch_row(f"B-{n}"), "7" if n == 3 else "", f"bad-row-test-{n}" if n == 5 else ""] for n in range(1, 6)]
+    source = write_csv(tmp_path / "bad.csv", header, rows)
+    results = tmp_path / "bad-results.csv"
+    code, out, err = cli(capsys, *as_(running, "erp", "--format", "json", "settle", "--batch", str(source), "--results", str(results)))
+    report = json.loads(out)
+    assert code == 1, err
+    assert (report["settled"], report["failed"]) == (4, 1) and report["totals"][0]["total"] == "47000.00"
+    assert report["failures"][0]["row"] == 3 and "INVALID_ARGUMENT" in report["failures"][0]["error"]
+    answers = list(csv.DictReader(results.open(encoding="utf-8", newline="")))
+    assert [(a["row"], a["error_code"]) for a in answers] == [("1", ""), ("2", ""), ("3", "INVALID_ARGUMENT"), ("4", ""), ("5", "")]
+    assert "bogus_metric" in answers[2]["error_message"] and answers[2]["total"] == "" and answers[2]["contract_id"] == "B-3"
+    assert answers[4]["request_id"] == "bad-row-test-5"
+
+    # JSONL: the --file shape, one object a line; the first line is a row of the CSV above (deduplicated)
+    documents = [
+        {
+            "contract_id": f"B-{n}",
+            "seller_id": "S-1",
+            "market": "US",
+            "period_start": "2026-03-01",
+            "ruleset": "us-managed-standard",
+            "metrics": US_METRICS,
+            "params": {"gmv_target": "100000"},
+        }
+        for n in (1, 6)
+    ]
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("\n".join(json.dumps(d) for d in documents) + "\n\n", encoding="utf-8")
+    code, out, err = cli(
+        capsys, *as_(running, "erp", "--format", "csv", "settle", "--batch", str(lines), "--results", str(tmp_path / "r.jsonl"))
+    )
+    assert code == 0, err
+    assert {r["item"]: r["value"] for r in csv.DictReader(io.StringIO(out))} == {
+        "rows": "2",
+        "settled": "1",
+        "deduplicated": "1",
+        "failed": "0",
+        "total USD": "23500.00",
+    }
+
+    # malformed: a row with a missing cell stops the run with exit 2 and the row number
+    broken = batch_row("M-3")
+    del broken[2]
+    malformed = write_csv(tmp_path / "malformed.csv", BATCH_HEADER, [batch_row("M-1"), batch_row("M-2"), broken, batch_row("M-4")])
+    code, out, err = cli(capsys, *as_(running, "erp", "--format", "json", "settle", "--batch", str(malformed)))
+    assert code == 2 and "row 3 (line 4)" in err and "cells" in err
+    assert json.loads(out)["rows"] == 2
+    # a header without a required column, a bad date in JSONL, a wrong extension: 2
+    no_market = write_csv(tmp_path / "no-market.csv", [c for c in BATCH_HEADER if c != "market"], [])
+    code, _, err = cli(capsys, *as_(running, "erp", "settle", "--batch", str(no_market)))
+    assert code == 2 and "missing columns market" in err
+    bad_date = tmp_path / "bad-date.jsonl"
+    bad_date.write_text(json.dumps({**documents[0], "period_start": "March"}) + "\n", encoding="utf-8")
+    code, _, err = cli(capsys, *as_(running, "erp", "settle", "--batch", str(bad_date)))
+    assert code == 2 and "row 1 (line 1)" in err and "YYYY-MM-DD" in err
+    assert cli(capsys, *as_(running, "erp", "settle", "--batch", str(tmp_path / "rows.txt")))[0] == 2
+    assert cli(capsys, *as_(running, "erp", "settle", "--batch", str(lines), "--contract", "C-1"))[0] == 2
+    # connection refused: 2
+    code, _, err = cli(capsys, "--target", f"127.0.0.1:{closed_port()}", "--token", "t", "--retries", "0", "settle", "--batch", str(lines))
+    assert code == 2 and "UNAVAILABLE" in err

@@ -90,15 +90,20 @@ def read_file(path: str) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
+    return parse_document(text, path)
+
+
+def parse_document(text: str, where: str) -> dict[str, Any]:
+    """One JSON object with SettlementInput fields (numbers read exactly); `where` prefixes errors."""
     try:
         document = json.loads(text, parse_float=Decimal, parse_int=int)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
+        raise InputError(f"{where}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
     if not isinstance(document, dict):
-        raise InputError(f"{path}: expected a JSON object with the settlement input fields")
+        raise InputError(f"{where}: expected a JSON object with the settlement input fields")
     unknown = sorted(set(document) - FIELDS)
     if unknown:
-        raise InputError(f"{path}: unknown fields {', '.join(unknown)} (expected some of {', '.join(sorted(FIELDS))})")
+        raise InputError(f"{where}: unknown fields {', '.join(unknown)} (expected some of {', '.join(sorted(FIELDS))})")
     return document
 
 
@@ -135,25 +140,40 @@ def from_args(args: argparse.Namespace) -> SettleRequest:
         "expected_revision": args.expected_revision,
     }
     document.update({k: v for k, v in flags.items() if v is not None})
-    metrics = dict(document.get("metrics") or {})
+    metrics = document.get("metrics") or {}
+    params = document.get("params") or {}
+    if not isinstance(metrics, dict) or not isinstance(params, dict):
+        raise InputError("metrics and params must be JSON objects")
+    metrics = dict(metrics)
     metrics.update({k: _flag_metric(v) for k, v in pairs_of(args.metric, "metric").items()})
-    params = dict(document.get("params") or {})
+    params = dict(params)
     params.update(pairs_of(args.param, "param"))
     fx = list(document.get("fx_rates") or [])
     for name, rate in pairs_of(args.fx, "fx").items():
         base, _, quote = name.partition("/")
         fx.append({"base": base, "quote": quote, "rate": rate})
+    document.update(metrics=metrics, params=params, fx_rates=fx)
+    return from_document(document, flags=FLAGS)
 
+
+#: The flag that sets each required field, named when it is missing.
+FLAGS = {
+    "contract_id": "--contract",
+    "seller_id": "--seller",
+    "market": "--market",
+    "period_start": "--period",
+    "ruleset": "--ruleset",
+}
+
+
+def from_document(document: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> SettleRequest:
+    """A request from a JSON-shaped document (a `--file`, a JSONL line or a CSV row); `InputError` if wrong."""
     missing = [f for f in ("contract_id", "seller_id", "market", "period_start", "ruleset") if not document.get(f)]
     if missing:
-        flag = {
-            "contract_id": "--contract",
-            "seller_id": "--seller",
-            "market": "--market",
-            "period_start": "--period",
-            "ruleset": "--ruleset",
-        }
-        raise InputError("missing " + ", ".join(f"{m} ({flag[m]})" for m in missing))
+        raise InputError("missing " + ", ".join(f"{m} ({flags[m]})" if flags else m for m in missing))
+    metrics = document.get("metrics") or {}
+    params = document.get("params") or {}
+    fx = document.get("fx_rates") or []
     for name in ("contract_id", "seller_id", "market", "ruleset"):
         if not isinstance(document[name], str):
             raise InputError(f"{name} must be a string")
@@ -166,8 +186,10 @@ def from_args(args: argparse.Namespace) -> SettleRequest:
     request_id = document.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise InputError("request_id must be a string")
-    if not isinstance(metrics, dict) or not isinstance(params, dict):
+    if not isinstance(metrics, Mapping) or not isinstance(params, Mapping):
         raise InputError("metrics and params must be JSON objects")
+    if not isinstance(fx, list):
+        raise InputError("fx_rates must be a JSON array")
     metric_values = {str(k): _metric(str(k), v) for k, v in metrics.items()}
     param_values: dict[str, ParamValue] = {str(k): _amount(v, f"param {k!r}") for k, v in params.items()}
     try:

@@ -5,6 +5,7 @@
 
     settle --file input.json | --contract C --seller S --market US --period 2026-03-01
            --ruleset us-managed-standard --metric NAME=VALUE ... --param NAME=VALUE ...
+    settle --batch rows.csv|rows.jsonl [--results OUT.jsonl|OUT.csv] [--items-per-message N]
     get NAME · list [filters] · breakdown NAME · explain NAME [--language en|zh]
     audit verify · audit replay NAME...
     rulesets validate FILE... (offline) · create FILE · approve NAME · retire NAME
@@ -34,6 +35,7 @@ import grpc
 from clients.kpisettle_client import KpisettleClient, KpisettleError
 
 from . import views
+from .batch import BatchUsageError, check_options, run_batch
 from .inputs import InputError, from_args, parse_date
 from .output import FORMATS, Report
 from .validate import validate_files
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     settle.add_argument("--active-days", type=int)
     settle.add_argument("--request-id", help="idempotency key (default: derived from the input)")
     settle.add_argument("--expected-revision", type=int, help="the revision last seen (0: none yet), to correct a settlement")
+    settle.add_argument(
+        "--batch", metavar="FILE", help="settle every row of a .csv or .jsonl file over one stream (see clients/cli/batch.py)"
+    )
+    settle.add_argument("--results", metavar="OUT", help="with --batch: one result per row, to a .jsonl or .csv file")
+    settle.add_argument(
+        "--items-per-message", type=int, default=100, metavar="N", help="with --batch: rows per stream message (default 100)"
+    )
 
     commands.add_parser("get", help="one stored settlement").add_argument("name")
     listing = commands.add_parser("list", help="stored settlements")
@@ -255,10 +264,17 @@ def run(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
         return exc.code if isinstance(exc.code, int) else USAGE
     if args.command == "rulesets" and args.rulesets_command == "validate":
         return validate_files(args.files, args.format, stdout, stderr)
+    batch = args.command == "settle" and args.batch is not None
     try:
+        if batch:
+            check_options(args)
+        elif args.command == "settle" and (args.results is not None or args.items_per_message != 100):
+            raise UsageError("kpisettle: --results and --items-per-message go with --batch")
         with connect(args) as client:
+            if batch:
+                return run_batch(client, args, stdout, stderr)
             report, code = COMMANDS[args.command](client, args)
-    except UsageError as exc:
+    except (UsageError, BatchUsageError) as exc:
         print(exc, file=stderr)
         return USAGE
     except InputError as exc:
