@@ -100,8 +100,8 @@ def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
         "contract_id": message.contract_id,
         "seller_id": message.seller_id,
         "market": message.market,
-        "period_start_date": _date_text(message.period_start_date),
-        "period_end_date": _date_text(message.period_end_date) if message.HasField("period_end_date") else None,
+        "period_start_date": date_text(message.period_start_date),
+        "period_end_date": date_text(message.period_end_date) if message.HasField("period_end_date") else None,
         "ruleset": message.ruleset,
         "metrics": {k: {"value": v.value, "currency_code": v.currency_code} for k, v in sorted(message.metrics.items())},
         "params": dict(sorted(message.params.items())),
@@ -111,7 +111,7 @@ def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
                 "quote_currency_code": r.quote_currency_code,
                 "rate": r.rate,
                 "source": r.source,
-                "as_of_date": _date_text(r.as_of_date) if r.HasField("as_of_date") else None,
+                "as_of_date": date_text(r.as_of_date) if r.HasField("as_of_date") else None,
             }
             for r in message.fx_rates
         ],
@@ -119,7 +119,7 @@ def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
     }
 
 
-def _date_text(value: date_pb2.Date) -> str:
+def date_text(value: date_pb2.Date) -> str:
     return f"{value.year:04}-{value.month:02}-{value.day:02}"
 
 
@@ -249,7 +249,7 @@ def engine_request(message: pb.SettlementInput) -> SettlementRequest:
         for name, value in message.metrics.items()
     }
     rates = [
-        FxRate(r.base_currency_code, r.quote_currency_code, r.rate, r.source, _date_text(r.as_of_date) if r.HasField("as_of_date") else "")
+        FxRate(r.base_currency_code, r.quote_currency_code, r.rate, r.source, date_text(r.as_of_date) if r.HasField("as_of_date") else "")
         for r in message.fx_rates
     ]
     active = message.active_days if message.HasField("active_days") else None
@@ -264,9 +264,13 @@ def fingerprint_payload(message: pb.SettlementInput, expected_revision: int | No
 
 
 def settlement_message(
-    decision: Mapping[str, Any], record: SettlementRecord | None, deltas: Sequence[Mapping[str, str]], input_json: bytes
+    decision: Mapping[str, Any],
+    decision_json: bytes,
+    record: SettlementRecord | None,
+    deltas: Sequence[Mapping[str, str]],
+    input_json: bytes,
 ) -> pb.Settlement:
-    """A Settlement from the canonical decision (and, when stored, its record)."""
+    """A Settlement from the decision (values and its canonical bytes, as stored) and, when stored, its record."""
     currency = decision["currency"]
     message = pb.Settlement(
         market=decision["market"],
@@ -309,7 +313,7 @@ def settlement_message(
             for f in decision["fx_rates"]
         ],
         input_json=input_json.decode("utf-8"),
-        decision_json=canonical_json(decision).decode("utf-8"),
+        decision_json=decision_json.decode("utf-8"),
     )
     if record is not None:
         data = record.data

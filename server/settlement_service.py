@@ -16,7 +16,7 @@ from kpisettle.v1 import resources_pb2 as pb
 from kpisettle.v1 import settlement_service_pb2 as ss
 from kpisettle.v1 import settlement_service_pb2_grpc as ss_grpc
 
-from engine import ENGINE_VERSION, Decision, RequestInvalid, compile_ruleset
+from engine import ENGINE_VERSION, Decision, RequestInvalid
 from engine.decision import canonical_json
 from engine.explain import explain_decision
 from engine.money import plain
@@ -44,8 +44,14 @@ class Settled:
     deltas: list[dict[str, str]]
     deduplicated: bool
 
+    @classmethod
+    def of(cls, record: SettlementRecord, deduplicated: bool = False) -> Settled:
+        """A stored record with its decision and deltas read back."""
+        return cls(record, convert.load_json(record.data.decision_json), convert.load_json(record.data.deltas_json), deduplicated)
+
     def message(self) -> pb.Settlement:
-        return convert.settlement_message(self.decision, self.record, self.deltas, self.record.data.request_json)
+        data = self.record.data
+        return convert.settlement_message(self.decision, data.decision_json, self.record, self.deltas, data.request_json)
 
 
 class Settler:
@@ -72,7 +78,7 @@ class Settler:
             return self._replayed(existing, fingerprint)
         chosen, decision_object = self.compute(tenant, message, checked, allow_draft=False)
         decision = decision_object.to_dict()
-        decision_json = decision_object.to_canonical_json()
+        decision_json = canonical_json(decision)
         period_start = datetime.date.fromisoformat(decision_object.period_start)
         for _ in range(MAX_REVISION_RETRIES):
             latest = self._store.latest_settlement(tenant, message.contract_id, period_start)
@@ -86,7 +92,7 @@ class Settler:
                 seller_id=message.seller_id,
                 market=message.market,
                 period_start=period_start,
-                period_end=_date(decision_object.period_end),
+                period_end=datetime.date.fromisoformat(decision_object.period_end),
                 ruleset_id=chosen.record.ruleset_id,
                 ruleset_version=chosen.record.version,
                 content_hash=chosen.record.content_hash,
@@ -209,7 +215,7 @@ class Settler:
                 f"request_id {existing.data.request_id!r} was already used with a different payload ({name})",
                 metadata={"requestId": existing.data.request_id, "settlement": name},
             )
-        return Settled(existing, convert.load_json(existing.data.decision_json), convert.load_json(existing.data.deltas_json), True)
+        return Settled.of(existing, deduplicated=True)
 
 
 def _request_id_violations(request_id: str) -> list[Violation]:
@@ -221,13 +227,9 @@ def _request_id_violations(request_id: str) -> list[Violation]:
 
 def _check_period_end(message: pb.SettlementInput, period_end: str, violations: list[Violation]) -> None:
     if message.HasField("period_end_date"):
-        given = f"{message.period_end_date.year:04}-{message.period_end_date.month:02}-{message.period_end_date.day:02}"
+        given = convert.date_text(message.period_end_date)
         if given != period_end:
             violations.append(Violation("input.period_end_date", f"{given}; the period ends {period_end}", "request.period_end"))
-
-
-def _date(text: str) -> datetime.date:
-    return datetime.date.fromisoformat(text)
 
 
 def chain_record_name(key: str) -> str:
@@ -289,14 +291,13 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
     @rpc_errors
     def Simulate(self, request: ss.SimulateRequest, context: grpc.ServicerContext) -> ss.SimulateResponse:
         message = request.input
-        decision = self._settler.simulate(current_principal().tenant, message)
-        settlement = convert.settlement_message(decision.to_dict(), None, [], convert.fingerprint_payload(message, None))
+        decision = self._settler.simulate(current_principal().tenant, message).to_dict()
+        settlement = convert.settlement_message(decision, canonical_json(decision), None, [], convert.fingerprint_payload(message, None))
         settlement.contract_id, settlement.seller_id = message.contract_id, message.seller_id
         return ss.SimulateResponse(settlement=settlement)
 
     def _stored(self, name: str) -> Settled:
-        record = self._store.get_settlement(current_principal().tenant, convert.settlement_id(name))
-        return Settled(record, convert.load_json(record.data.decision_json), convert.load_json(record.data.deltas_json), False)
+        return Settled.of(self._store.get_settlement(current_principal().tenant, convert.settlement_id(name)))
 
     @rpc_errors
     def GetSettlement(self, request: ss.GetSettlementRequest, context: grpc.ServicerContext) -> ss.GetSettlementResponse:
@@ -340,9 +341,7 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
             next_token = encode_token(
                 "settlements", [last.data.period_start.isoformat(), last.data.contract_id, last.revision, _filter_digest(where)]
             )
-        messages = [
-            Settled(r, convert.load_json(r.data.decision_json), convert.load_json(r.data.deltas_json), False).message() for r in records
-        ]
+        messages = [Settled.of(r).message() for r in records]
         return ss.ListSettlementsResponse(settlements=messages, next_page_token=next_token)
 
     @rpc_errors
@@ -384,23 +383,20 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
         record = self._store.get_settlement(current_principal().tenant, convert.settlement_id(request.name))
         data = record.data
         stored_version = self._store.get_ruleset_version(data.tenant, data.ruleset_id, data.ruleset_version)
-        compiled = compile_ruleset(stored_version.source, stored_version.version)
+        compiled = self._registry.compiled(stored_version)  # the version's source never changes
         try:
-            try:
-                message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
-                engine_request = convert.engine_request(message)
-            except (ValueError, KeyError, TypeError) as exc:  # the stored request was damaged (VerifyAuditLog says where)
-                return ss.ReplaySettlementResponse(
-                    match=False, first_difference=f"the stored inputs cannot be read: {type(exc).__name__}", engine_version=ENGINE_VERSION
-                )
-            try:
-                replayed = compiled.settle(engine_request).to_canonical_json()
-            except RequestInvalid as exc:
-                return ss.ReplaySettlementResponse(
-                    match=False, first_difference=f"the stored inputs no longer settle: {exc}", engine_version=ENGINE_VERSION
-                )
-        finally:
-            compiled.close()
+            message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
+            engine_request = convert.engine_request(message)
+        except (ValueError, KeyError, TypeError) as exc:  # the stored request was damaged (VerifyAuditLog says where)
+            return ss.ReplaySettlementResponse(
+                match=False, first_difference=f"the stored inputs cannot be read: {type(exc).__name__}", engine_version=ENGINE_VERSION
+            )
+        try:
+            replayed = compiled.settle(engine_request).to_canonical_json()
+        except RequestInvalid as exc:
+            return ss.ReplaySettlementResponse(
+                match=False, first_difference=f"the stored inputs no longer settle: {exc}", engine_version=ENGINE_VERSION
+            )
         engine_version = str(convert.load_json(replayed)["engine_version"])
         if replayed == data.decision_json:
             return ss.ReplaySettlementResponse(match=True, engine_version=engine_version)
@@ -464,7 +460,7 @@ def _list_position(token: str, digest: str) -> tuple[datetime.date, str, int] | 
             and type(revision) is int
             and 0 < revision < 2**31
         ):
-            return _date(start), contract_id, revision
+            return datetime.date.fromisoformat(start), contract_id, revision
     except (TypeError, ValueError):
         pass
     raise damaged
