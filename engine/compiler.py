@@ -10,9 +10,9 @@ from decimal import Decimal
 
 from engine.conditions import Condition
 from engine.decision import Decision
-from engine.expressions import Compare, Explainer, Node, Num, Type, compile_evidence
+from engine.expressions import Compare, Explainer, Node, Num, compile_evidence
 from engine.matcher import Matcher
-from engine.model import FeeKind, Ruleset, ValueType
+from engine.model import FeeKind, Ruleset
 from engine.problems import Problem, RulesetInvalid, Severity
 from engine.request import SettlementRequest
 from engine.settlement import Explained, settle
@@ -83,8 +83,7 @@ def compile_ruleset(source: str | bytes, version: int | None = None) -> Compiled
 
 
 def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem], version: int | None) -> CompiledRuleset:
-    builder_types = _name_types(ruleset)
-    integral = {"period_days", "active_days", "market"} | {i.name for i in (*ruleset.metrics, *ruleset.params) if i.type is ValueType.COUNT}
+    integral = set(ruleset.integral)
     markets = list(ruleset.markets)
     exemption_rules: list[tuple[str, Condition]] = [(e.name, e.condition) for e in ruleset.exemptions]
     condition_rules: list[tuple[str, Condition]] = []
@@ -106,8 +105,8 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         explainers[warning.id] = explainer
         explained.append(Explained(warning.id, "warning", explainer))
     try:
-        exemption_matcher = Matcher(exemption_rules, builder_types, integral, markets)
-        condition_matcher = Matcher(condition_rules, builder_types, integral, markets)
+        exemption_matcher = Matcher(exemption_rules, ruleset.name_types, integral, markets)
+        condition_matcher = Matcher(condition_rules, ruleset.name_types, integral, markets)
     except ValueError as exc:  # a limit check the validator should already have reported
         raise RulesetInvalid([*problems, Problem(getattr(exc, "code", "rule.limit"), "", str(exc))]) from exc
     return CompiledRuleset(
@@ -129,13 +128,3 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
 
 def _step_tree(steps_on: Node, threshold: Decimal) -> Node:
     return Compare(">=", steps_on, Num(threshold, str(threshold)))
-
-
-def _name_types(ruleset: Ruleset) -> dict[str, Type]:
-    types = {"market": Type.STRING, "period_days": Type.NUMBER, "active_days": Type.NUMBER}
-    named: list[str] = [i.name for i in (*ruleset.metrics, *ruleset.params)] + [k.name for k in ruleset.kpis]
-    for name in named + [f.id for f in ruleset.fees]:
-        types[name] = Type.NUMBER
-    for exemption in ruleset.exemptions:
-        types[exemption.name] = Type.BOOL
-    return types

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.conditions import Condition
-from engine.expressions import Expression
+from engine.expressions import Expression, Type
 from engine.money import Rounding
 
 
@@ -166,3 +166,5 @@ class Ruleset:
     total_limits: TotalLimits | None
     warnings: tuple[Warning, ...]
     examples: tuple[Example, ...]
+    name_types: dict[str, Type]  # every name an expression may use, and its type
+    integral: frozenset[str]  # names whose values are whole numbers by type (counts, days, market)

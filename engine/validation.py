@@ -244,6 +244,8 @@ class RulesetBuilder:
             total_limits=total_limits,
             warnings=tuple(warnings),
             examples=tuple(examples),
+            name_types=dict(self.types),
+            integral=frozenset(self.integral),
         )
         return ruleset, c.problems
 
