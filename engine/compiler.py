@@ -6,11 +6,10 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 from engine.conditions import Condition
 from engine.decision import Decision
-from engine.expressions import Compare, Explainer, Node, Num, compile_evidence
+from engine.expressions import Explainer, compile_evidence
 from engine.matcher import Matcher
 from engine.model import FeeKind, Ruleset
 from engine.problems import Problem, RulesetInvalid, Severity
@@ -93,9 +92,7 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         if fee.kind is FeeKind.BONUS and fee.steps_on is not None:
             for step in fee.steps:
                 condition_rules.append((step.rule, step.condition))
-                explained.append(
-                    Explained(step.rule, "bonus_step", compile_evidence(_step_tree(fee.steps_on.tree, step.threshold), integral))
-                )
+                explained.append(Explained(step.rule, "bonus_step", compile_evidence(step.when, integral)))
         elif fee.condition is not None and fee.when is not None:
             condition_rules.append((fee.id, fee.condition))
             explained.append(Explained(fee.id, fee.kind.value, compile_evidence(fee.when.tree, integral)))
@@ -124,7 +121,3 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
             "params": frozenset(p.name for p in ruleset.params),
         },
     )
-
-
-def _step_tree(steps_on: Node, threshold: Decimal) -> Node:
-    return Compare(">=", steps_on, Num(threshold, str(threshold)))

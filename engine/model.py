@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.conditions import Condition
-from engine.expressions import Expression, Type
+from engine.expressions import Expression, Node, Type
 from engine.money import Rounding
 
 
@@ -94,6 +94,7 @@ class Payout:
 class Step:
     rule: str  # the rule name, e.g. gmv_bonus.steps[1]
     threshold: Decimal
+    when: Node  # `steps_on >= threshold`, for evidence
     condition: Condition
     payout: Payout
 

@@ -644,7 +644,7 @@ class RulesetBuilder:
             previous = threshold
             tree = Compare(">=", steps_on.tree, Num(threshold, str(threshold)))
             condition = self._condition(tree, child_path(step_path, "from"), "step", "steps.unreachable")
-            steps.append(Step(f"{fee_id}.steps[{i}]", threshold, condition, payout))
+            steps.append(Step(f"{fee_id}.steps[{i}]", threshold, tree, condition, payout))
         for lower, upper in itertools.pairwise(steps):
             # `lower` is never the highest step reached if `upper` is always reached
             below_upper = Compare("<", steps_on.tree, Num(upper.threshold, str(upper.threshold)))
