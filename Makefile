@@ -38,8 +38,8 @@ test: setup lint  ## the whole suite
 test-long: setup  ## the long fuzz runs as well
 	$(PY) -m pytest -m "long or not long"
 
-bench: setup  ## settlements per second, printed as a table
-	$(PY) -m benchmarks.engine_bench
+bench: setup  ## engine, peer, service and memory benchmarks: one table, also written to benchmarks/results.json
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) gen .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

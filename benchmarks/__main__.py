@@ -1,0 +1,5 @@
+"""`make bench`: every benchmark, one table."""
+
+from benchmarks.engine_bench import main
+
+raise SystemExit(main())
