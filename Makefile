@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint bench test-long clean
+.PHONY: setup run test lint bench test-long clean node
 
 GEN    := gen/.generated
 PROTOS := $(wildcard proto/kpisettle/v1/*.proto)
@@ -21,7 +21,21 @@ $(GEN): $(STAMP) $(PROTOS) proto/generate.py
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'kpisettle_gen.pth').write_text(str(pathlib.Path('gen').resolve()) + '\n')"
 	touch $(GEN)
 
-setup: $(STAMP) $(GEN)  ## create the virtualenv, install everything, generate code from the protos
+# The Node.js interop client's packages (clients/node, used by tests/test_interop.py), again only
+# when package-lock.json changes. Without npm it is skipped, and so is the Node test.
+NODE_STAMP := clients/node/node_modules/.installed
+
+$(NODE_STAMP): clients/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		echo "npm ci in clients/node"; \
+		cd clients/node && npm ci --no-audit --no-fund --ignore-scripts && touch node_modules/.installed; \
+	else \
+		echo "npm not found: the Node.js client is not installed and its test will be skipped"; \
+	fi
+
+node: $(NODE_STAMP)  ## install the Node.js interop client's packages (when npm is installed)
+
+setup: $(STAMP) $(GEN) node  ## create the virtualenv, install everything, generate code from the protos
 
 run: setup  ## start the service on 127.0.0.1:50051 with SQLite in var/ and the rulesets loaded
 	$(PY) -m engine check rulesets/*.yaml
@@ -42,4 +56,4 @@ bench: setup  ## engine, peer, service and memory benchmarks: one table, also wr
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) gen .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) gen .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info clients/node/node_modules
