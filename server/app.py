@@ -1,4 +1,8 @@
-"""Building and running the gRPC server: services, auth, health, reflection, TLS, SIGTERM."""
+"""Building and running the gRPC server: services, auth, health, reflection, TLS, SIGTERM.
+
+`--workers N` (N > 1) hands over to server/workers.py: a supervisor process that runs N
+copies of what `serve` runs here, all on one port.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +55,17 @@ class Config:
     #: On SIGTERM: health says NOT_SERVING and new calls get UNAVAILABLE for this long
     #: (so load balancers notice) before the server stops and drains in-flight calls.
     drain_delay_seconds: float = 0.5
+    #: Connections older than this get a GOAWAY (±10 % jitter): the client opens a new one,
+    #: through the load balancer or the kernel's SO_REUSEPORT choice, so load re-spreads to
+    #: new workers and hosts. Calls in flight on the old connection run to the end. 0: never.
+    max_connection_age_seconds: float = 300.0
+    #: Server processes on this host (server/workers.py); 1 = this process serves alone.
+    workers: int = 1
+    #: Unexpected worker exits per minute that the supervisor replaces before it gives up.
+    worker_restarts: int = 5
+    #: Share the port with other processes (SO_REUSEPORT); only the workers of one supervisor
+    #: do. A lone server refuses a port that another process already listens on.
+    reuse_port: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -79,7 +94,37 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=float(env.get("KPISETTLE_DRAIN_DELAY_SECONDS", Config.drain_delay_seconds)),
         help="on SIGTERM, how long health reports NOT_SERVING before the server stops",
     )
+    parser.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        default=float(env.get("KPISETTLE_MAX_CONNECTION_AGE_SECONDS", Config.max_connection_age_seconds)),
+        help="clients reconnect after this long (so load re-spreads over workers and hosts); 0 = never",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(env.get("KPISETTLE_WORKERS", Config.workers)),
+        help="server processes sharing the port (Linux SO_REUSEPORT); 1 = this process alone",
+    )
+    parser.add_argument(
+        "--worker-restarts",
+        type=int,
+        default=int(env.get("KPISETTLE_WORKER_RESTARTS", Config.worker_restarts)),
+        help="unexpected worker exits per minute that are replaced; one more and the supervisor stops and exits 1",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.worker_restarts < 0:
+        parser.error("--worker-restarts must not be negative")
+    if args.max_connection_age_seconds < 0:
+        parser.error("--max-connection-age-seconds must not be negative")
+    if args.workers > 1:
+        from server.workers import reuse_port_problem  # here: server.workers imports this module
+
+        problem = reuse_port_problem()
+        if problem:
+            parser.error(f"--workers {args.workers}: {problem}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -94,6 +139,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         threads=args.threads,
         grace_seconds=args.grace_seconds,
         drain_delay_seconds=args.drain_delay_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds,
+        workers=args.workers,
+        worker_restarts=args.worker_restarts,
     )
 
 
@@ -111,7 +159,12 @@ class Service:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # gRPC turns SO_REUSEPORT on by default on Linux, so a second server started on a
+            # taken port would silently get half of its connections; only workers share.
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         ]
+        if config.max_connection_age_seconds > 0:
+            options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(TokenBook.load(config.tokens_file), self.draining)],
@@ -161,10 +214,19 @@ class Service:
         self.store.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("KPISETTLE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
-    stopped = threading.Event()
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(fmt: str = LOG_FORMAT) -> None:
+    logging.basicConfig(level=os.environ.get("KPISETTLE_LOG_LEVEL", "INFO"), format=fmt)
+
+
+def serve(config: Config, on_ready: Callable[[int], None], stop: threading.Event | None = None) -> int:
+    """Run one server until SIGTERM/SIGINT (or `stop`), then drain; 0 when it stopped cleanly.
+
+    `on_ready(port)` runs once the server accepts calls.
+    """
+    stopped = stop if stop is not None else threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         if not stopped.is_set():
@@ -176,9 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     service = Service(config)
     service.start()
-    host = config.listen.rsplit(":", 1)[0]
-    # The first line says where to connect (tests read it); ports may be 0 = any free port.
-    print(f"kpisettle listening on {host}:{service.port}", flush=True)
+    on_ready(service.port)
     # Wait with a timeout: a signal that lands on one of gRPC's threads only sets a flag,
     # and its Python handler runs when the main thread next wakes; a bare wait() could
     # sleep through SIGTERM for ever.
@@ -187,6 +247,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     service.stop(drain_delay=config.drain_delay_seconds)
     log.info("stopped")
     return 0
+
+
+def listen_host(listen: str) -> str:
+    return listen.rsplit(":", 1)[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    if config.workers > 1:
+        from server.workers import supervise  # here: server.workers imports this module
+
+        return supervise(config)
+    configure_logging()
+
+    def announce(port: int) -> None:
+        # The first line says where to connect (tests read it); ports may be 0 = any free port.
+        print(f"kpisettle listening on {listen_host(config.listen)}:{port}", flush=True)
+
+    return serve(config, announce)
 
 
 if __name__ == "__main__":
