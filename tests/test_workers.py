@@ -28,6 +28,7 @@ from kpisettle.v1 import settlement_service_pb2_grpc as ss_grpc
 
 from server.app import parse_args
 from tests.server_harness import ROOT, RULESETS, Callers, Client, ServerProcess, us_input
+from tests.test_service_security import Pki, pki_fixture  # noqa: F401  (the test CA and server certificate)
 
 US_SOURCE = (RULESETS / "us-managed-standard.yaml").read_text(encoding="utf-8")
 LISTEN, ESTABLISHED = "0A", "01"  # socket states in /proc/net/tcp
@@ -103,10 +104,11 @@ class Workers(ServerProcess):
 class OwnConnection(Client):
     """A client whose channel opens a connection of its own."""
 
-    def __init__(self, target: str, callers: Callers, *options: tuple[str, int]) -> None:
+    def __init__(self, target: str, callers: Callers, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
         self.callers = callers
-        self.channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), *options])
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channel = grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target, options)
         self.settlements = ss_grpc.SettlementServiceStub(self.channel)
         self.rulesets = rs_grpc.RulesetServiceStub(self.channel)
 
@@ -193,16 +195,59 @@ def test_two_workers_serve_connections_and_settle_each_request_once_then_drain_o
     assert sorted(listed(clients[0])) == sorted(r[0].settlement.name for r in by_id.values())
     verified = clients[0].call("VerifyAuditLog", ss.VerifyAuditLogRequest(), "compliance")
     assert verified.ok and verified.records_checked == 3 + len(ids), verified
+
+    # SIGTERM to the supervisor: streams in flight on every connection (so on both workers) finish.
+    outcomes = drain_streams(workers, clients)
+    assert workers.process.wait(60) == 0, workers.output()
+    for n, outcome in enumerate(outcomes):
+        assert isinstance(outcome, list), f"stream {n} failed: {outcome!r}"
+        assert [r.request_id for r in outcome] == [f"drain-{n}-{m}" for m in range(3)]
+        assert all(r.settlement.total.amount == "11750.00" for r in outcome), outcome
     for client in clients:
         client.close()
-
-    assert workers.terminate() == 0
     output = workers.output()
     assert output.count("kpisettle listening on ") == 1, output
     for pid in pids:
         assert not alive(pid)
         assert f"kpisettle.server[{pid}]: signal 15: draining" in output, output
         assert f"kpisettle.server[{pid}]: stopped" in output, output
+
+
+def drain_streams(server: Workers, clients: list[OwnConnection]) -> list[list[ss.SettleBatchResult] | BaseException]:
+    """One SettleBatch stream per client; SIGTERM after each got its first answer; the rest is sent after."""
+    sigterm_sent = threading.Event()
+    first_answers = [threading.Event() for _ in clients]
+    outcomes: list[list[ss.SettleBatchResult] | BaseException] = [[] for _ in clients]
+
+    def requests(n: int) -> Iterator[ss.SettleBatchRequest]:
+        for m in range(3):
+            if m == 1:
+                assert sigterm_sent.wait(30)
+                time.sleep(0.3)  # past the drain delay: the server is stopping now
+            yield ss.SettleBatchRequest(items=[ss.SettleBatchItem(request_id=f"drain-{n}-{m}", input=us_input(f"C-drain-{n}-{m}"))])
+
+    def run(n: int) -> None:
+        client = clients[n]
+        try:
+            for answer in client.settlements.SettleBatch(requests(n), metadata=client.callers["erp"].metadata, timeout=60):
+                results = outcomes[n]
+                assert isinstance(results, list)
+                results.extend(answer.results)
+                first_answers[n].set()
+        except BaseException as error:  # reported by the caller
+            outcomes[n] = error
+            first_answers[n].set()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for event in first_answers:
+        assert event.wait(30)
+    server.process.send_signal(signal.SIGTERM)
+    sigterm_sent.set()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -277,24 +322,34 @@ def test_a_taken_port_is_refused_by_workers_and_by_a_lone_server(tmp_path: Path,
         first.kill()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_clients_reconnect_after_the_maximum_connection_age_without_failed_calls(
-    database_url: str, tokens_file: Path, callers: Callers
-) -> None:
-    server = Workers(database_url, tokens_file, "--max-connection-age-seconds", "0.5")
+def test_over_tls_one_channel_reaches_both_workers_by_reconnecting_at_the_maximum_connection_age(tmp_path: Path, pki: Pki) -> None:
+    callers = Callers.fresh()
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--max-connection-age-seconds", "0.5")
+    server = Workers(f"sqlite:///{tmp_path / 'db.sqlite'}", callers.write(tmp_path / "tokens.json"), *tls)
     try:
-        client = OwnConnection(server.target, callers)
-        seen: set[tuple[int, int]] = set()
-        deadline = time.monotonic() + 30
-        while len(seen) < 3:
+        client = OwnConnection(server.target, callers, grpc.ssl_channel_credentials(root_certificates=pki.ca))
+        seen: set[tuple[int, int]] = set()  # (worker pid, client port): one per connection
+        deadline = time.monotonic() + 60
+        while len({pid for pid, _ in seen}) < 2:  # each reconnection lands on either worker
             assert time.monotonic() < deadline, seen
-            client.call("ListSettlements", ss.ListSettlementsRequest(page_size=1), "billing", timeout=10)
+            client.call("ListSettlements", ss.ListSettlementsRequest(page_size=1), "billing", timeout=10)  # none fails
             seen |= {(pid, peer) for pid, peers in server.connections().items() for peer in peers}
             time.sleep(0.05)
         client.close()
         assert server.terminate() == 0
     finally:
         server.kill()
+
+
+def test_several_workers_are_refused_where_connections_cannot_be_spread(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")  # SO_REUSEPORT exists there but does not spread connections
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--workers", "2"])
+    assert exited.value.code == 2
+    assert "--workers 2: several workers need Linux" in capsys.readouterr().err
+    assert parse_args(["--workers", "1"]).workers == 1
 
 
 def test_worker_options_are_checked() -> None:
