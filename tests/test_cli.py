@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli.main import main
+from clients.cli.export import LINE_COLUMNS
+from clients.cli.main import main, run
 from tests.server_harness import ROOT, RULESETS, Running
 
 US = (RULESETS / "us-managed-standard.yaml").read_text(encoding="utf-8")
@@ -352,3 +354,162 @@ def test_settle_batch_failed_rows_jsonl_and_malformed_files(running: Running, ca
     # connection refused: 2
     code, _, err = cli(capsys, "--target", f"127.0.0.1:{closed_port()}", "--token", "t", "--retries", "0", "settle", "--batch", str(lines))
     assert code == 2 and "UNAVAILABLE" in err
+
+
+# ------------------------------------------------------------------ billing exports
+
+
+class FakeTerminal(io.StringIO):
+    """A captured stream that says it is a terminal, as a person's shell would."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def colour_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A colour terminal whatever the environment the tests run in (CI sets no TERM, some set NO_COLOR)."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLORTERM"):
+        monkeypatch.delenv(name, raising=False)
+
+
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def settle_json(running: Running, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    code, out, err = cli(capsys, *as_(running, "erp", "--format", "json", *args))
+    assert code == 0, err
+    return dict(json.loads(out))
+
+
+@pytest.mark.usefixtures("colour_terminal")
+def test_export_lines_and_deltas_for_billing(running: Running, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    running.client.load_shipped_rulesets()
+    march = [batch_row(f"E-{n}") for n in range(1, 6)]
+    april = [*batch_row("E-1")[:3], "2026-04-01", *batch_row("E-1")[4:]]
+    source = write_csv(tmp_path / "march.csv", BATCH_HEADER, [*march, april])
+    assert cli(capsys, *as_(running, "erp", "settle", "--batch", str(source)))[0] == 0
+    # E-2 corrected twice: refunds 5000 -> 9000 -> 20000; the table of a correction shows what changed
+    code, out, _ = cli(capsys, *as_(running, "erp", *flag_args("E-2"), "--metric", "refunds=9000", "--expected-revision", "1"))
+    assert code == 0 and summary(out)["revision"] == "2" and summary(out)["total"] == "11390.00"
+    changed = out.split("\n\n")[2].splitlines()
+    assert changed[0].split() == ["line", "previous_amount", "amount", "delta"]
+    assert [line.split() for line in changed[2:]] == [
+        ["commission", "7500.00", "7180.00", "-320.00"],
+        ["gmv_bonus", "1250.00", "1210.00", "-40.00"],
+    ]
+    third = settle_json(running, capsys, *flag_args("E-2"), "--metric", "refunds=20000", "--expected-revision", "2")
+    assert (third["revision"], third["total"]) == (3, "9800.00")
+
+    period = ["--from", "2026-03-01", "--to", "2026-03-31"]
+    # lines, CSV: every line of the five current March settlements (E-2 at revision 3), April left out
+    code, out, err = cli(capsys, *as_(running, "billing", "export", "lines", *period, "--format", "csv", "--page-size", "2"))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == ",".join(LINE_COLUMNS)
+    lines = list(csv.DictReader(io.StringIO(out)))
+    assert len(lines) == 35 and {r["contract_id"] for r in lines} == {f"E-{n}" for n in range(1, 6)}
+    assert {r["period_start"] for r in lines} == {"2026-03-01"} and {r["currency"] for r in lines} == {"USD"}
+    assert {r["revision"] for r in lines if r["contract_id"] == "E-2"} == {"3"}
+    per_settlement: dict[str, Decimal] = {}
+    for r in lines:
+        per_settlement[r["contract_id"]] = per_settlement.get(r["contract_id"], Decimal(0)) + Decimal(r["amount"])
+    assert per_settlement == {
+        "E-1": Decimal("11750.00"),
+        "E-2": Decimal("9800.00"),
+        "E-3": Decimal("11750.00"),
+        "E-4": Decimal("11750.00"),
+        "E-5": Decimal("11750.00"),
+    }
+    assert [(r["line"], r["amount"], r["basis"]) for r in lines[:3]] == [
+        ("base_fee", "3000.00", ""),
+        ("commission", "7500.00", "125000"),
+        ("gmv_bonus", "1250.00", "125000"),
+    ]
+    # pages of 2 and one page of 200 give the same export
+    code, whole, _ = cli(capsys, *as_(running, "billing", "--format", "csv", "export", "lines", *period))
+    assert code == 0 and whole == out
+    code, out, _ = cli(capsys, *as_(running, "billing", "--format", "csv", "export", "lines", *period, "--skip-zero", "--contract", "E-1"))
+    assert code == 0 and [(r["line"], r["amount"]) for r in csv.DictReader(io.StringIO(out))] == [
+        ("base_fee", "3000.00"),
+        ("commission", "7500.00"),
+        ("gmv_bonus", "1250.00"),
+    ]
+    code, out, _ = cli(capsys, *as_(running, "billing", "--format", "csv", "export", "lines", *period, "--market", "JP"))
+    assert code == 0 and out == ",".join(LINE_COLUMNS) + "\n"
+
+    # deltas, JSON: revisions 2 and 3 of E-2, each against the one before; zero deltas left out
+    code, out, _ = cli(capsys, *as_(running, "billing", "--format", "json", "export", "deltas", *period, "--skip-zero", "--page-size", "1"))
+    report = json.loads(out)
+    assert code == 0 and (report["export"], report["from"], report["to"], report["settlements"]) == (
+        "deltas",
+        "2026-03-01",
+        "2026-03-31",
+        2,
+    )
+    assert [(r["revision"], r["line"], r["previous_amount"], r["amount"], r["delta"]) for r in report["rows"]] == [
+        (2, "commission", "7500.00", "7180.00", "-320.00"),
+        (2, "gmv_bonus", "1250.00", "1210.00", "-40.00"),
+        (3, "commission", "7180.00", "6300.00", "-880.00"),
+        (3, "gmv_bonus", "1210.00", "500.00", "-710.00"),
+    ]
+    assert report["rows"][2]["supersedes"] == report["rows"][0]["settlement"] and report["rows"][2]["settlement"] == third["name"]
+    assert report["totals"] == [{"currency": "USD", "settlements": 2, "rows": 4, "delta": "-1950.00"}]
+    code, out, _ = cli(capsys, *as_(running, "billing", "--format", "csv", "export", "deltas", *period))
+    deltas = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(deltas) == 14 and sum(Decimal(r["delta"]) for r in deltas) == Decimal("-1950.00")
+    assert all(r["create_time"].endswith("+00:00") for r in deltas)
+
+    # table: the main columns and the totals per currency; plain text when not a terminal
+    code, out, _ = cli(capsys, *as_(running, "billing", "export", "deltas", *period, "--skip-zero"))
+    assert code == 0 and "\x1b" not in out and all(line == line.rstrip() for line in out.splitlines())
+    assert out.splitlines()[-1] == "2 corrections, 4 rows, periods starting 2026-03-01 to 2026-03-31"
+    assert ["USD", "2", "4", "-1950.00"] in [line.split() for line in out.splitlines()]
+    # on a terminal: colours (negative amounts red), the same figures once the escapes are gone
+    terminal = FakeTerminal()
+    code = run([*as_(running, "billing", "export", "deltas", *period, "--skip-zero")], terminal, io.StringIO())
+    assert code == 0 and "\x1b[" in terminal.getvalue() and "\x1b[31m" in terminal.getvalue()
+    assert [line.rstrip() for line in ESCAPES.sub("", terminal.getvalue()).splitlines()] == out.splitlines()
+
+    # --output: the file is whole, the control totals go to stdout
+    target = tmp_path / "exports" / "lines.csv"
+    target.parent.mkdir()
+    code, out, _ = cli(capsys, *as_(running, "billing", "export", "lines", *period, "--format", "csv", "--output", str(target)))
+    assert code == 0 and target.read_text(encoding="utf-8") == whole
+    assert ["USD", "5", "35", "56800.00"] in [line.split() for line in out.splitlines()]
+    assert out.splitlines()[-1] == f"wrote 35 rows (csv) to {target}"
+    # a lost connection writes no file at all
+    failed = tmp_path / "exports" / "failed.csv"
+    closed = ["--target", f"127.0.0.1:{closed_port()}", "--token", "t", "--retries", "0"]
+    code, _, err = cli(capsys, *closed, "export", "lines", *period, "--output", str(failed))
+    assert code == 2 and "UNAVAILABLE" in err and sorted(p.name for p in target.parent.iterdir()) == ["lines.csv"]
+
+    # usage: 2
+    code, _, err = cli(capsys, *as_(running, "billing", "export", "lines", "--from", "2026-03-31", "--to", "2026-03-01"))
+    assert code == 2 and "after --to" in err
+    code, _, err = cli(capsys, *as_(running, "billing", "export", "deltas", "--from", "March", "--to", "2026-03-31"))
+    assert code == 2 and "YYYY-MM-DD" in err
+    assert cli(capsys, *as_(running, "billing", "export", "lines", *period, "--page-size", "201"))[0] == 2
+    assert cli(capsys, *as_(running, "billing", "export", "lines", "--to", "2026-03-31"))[0] == 2
+    assert cli(capsys, *as_(running, "billing", "export", "invoices", *period))[0] == 2
+    code, _, err = cli(capsys, *as_(running, "billing", "export", "lines", *period, "--output", str(tmp_path / "missing" / "x.csv")))
+    assert code == 2 and "cannot write" in err
+
+
+@pytest.mark.usefixtures("colour_terminal")
+def test_batch_on_a_terminal_shows_a_progress_bar_and_failures_with_their_reasons(
+    running: Running, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    running.client.load_shipped_rulesets()
+    header = [*BATCH_HEADER, "metric:bogus_metric"]
+    source = write_csv(tmp_path / "rows.csv", header, [[*batch_row(f"T-{n}"), "1" if n == 2 else ""] for n in range(1, 4)])
+    progress, out = FakeTerminal(), io.StringIO()
+    code = run([*as_(running, "erp", "settle", "--batch", str(source))], out, progress)
+    assert code == 1
+    shown = ESCAPES.sub("", progress.getvalue())
+    assert "3/3" in shown and "2 settled, 0 deduplicated, 1 failed" in shown
+    text = out.getvalue()
+    assert "\x1b" not in text and summary(text)["failed"] == "1"
+    row = text.splitlines().index(next(line for line in text.splitlines() if line.startswith("row 2: ")))
+    assert text.splitlines()[row].startswith("row 2: INVALID_ARGUMENT")
+    assert text.splitlines()[row + 1].startswith("    input.metrics.bogus_metric: ")

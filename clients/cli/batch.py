@@ -23,8 +23,9 @@ metric, an unknown ruleset…) is a failed row: its error is written to the resu
 others go on (exit code 1).
 
 `--results OUT` writes one line per row as it is answered: JSONL if OUT ends in `.jsonl`,
-CSV if `.csv`, fields `RESULT_COLUMNS`. Progress goes to stderr every `PROGRESS_EVERY`
-rows; the summary (rows settled now, answered as deduplicated, failed with their reasons,
+CSV if `.csv`, fields `RESULT_COLUMNS`. Progress goes to stderr: a rich progress bar on
+a terminal (the file is counted first for its total), else a line every `PROGRESS_EVERY`
+rows and at the end; the summary (rows settled now, answered as deduplicated, failed with their reasons,
 totals per currency of every settled or deduplicated row, as exact decimal strings) goes
 to stdout in the `--format` asked for.
 """
@@ -42,12 +43,15 @@ from decimal import MAX_PREC, Context, Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
+import rich.progress
+from rich.console import Console
+
 from clients.kpisettle_client import KpisettleClient
 from clients.kpisettle_client.batch import MAX_ITEMS_PER_MESSAGE, BatchItem
 from clients.kpisettle_client.models import BatchResult
 
 from .inputs import InputError, from_document, parse_document
-from .output import Report, jsonable, pairs, table, text
+from .output import Block, Lines, Pairs, Report, Table, emit, is_terminal, jsonable, text
 
 REQUIRED = ("contract_id", "seller_id", "market", "period_start", "ruleset")
 OPTIONAL = ("period_end", "active_days", "request_id", "expected_revision")
@@ -281,31 +285,78 @@ class Summary:
             head["results"] = results
         if stopped:
             head["stopped"] = stopped
-        parts = [pairs(head), "", table(totals, ("currency", "settlements", "total"), empty="(no totals)")]
+        blocks: list[Block] = [Pairs(head), Table(totals, ("currency", "settlements", "total"), empty="(no totals)")]
         if reasons:
-            parts += ["", table(reasons, ("reason", "rows"))]
+            blocks.append(Table(reasons, ("reason", "rows")))
+        # each failure with its reason: the error, then every field violation on its own line
+        listed: list[str] = []
         for failure in self.failures:
-            parts += [f"row {failure['row']}: {failure['error'].splitlines()[0]}"]
+            first, *violations = failure["error"].strip().splitlines()
+            listed.append("\n    ".join([f"row {failure['row']}: {first}", *(v.strip() for v in violations)]))
         if self.failed > len(self.failures):
-            parts += [f"… {self.failed - len(self.failures)} more failed rows (see the results)"]
-        return Report(data, rows, ("item", "value"), "\n".join(parts))
+            listed.append(f"… {self.failed - len(self.failures)} more failed rows (see the results)")
+        if listed:
+            blocks.append(Lines("\n".join(listed)))
+        return Report(data, rows, ("item", "value"), blocks)
+
+
+def count_rows(path: str, kind: str) -> int | None:
+    """How many rows the file holds (for the progress bar's total); None if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            if kind == "jsonl":
+                return sum(1 for line in stream if line.strip())
+            records = sum(1 for cells in csv.reader(stream) if cells and any(c.strip() for c in cells))
+            return max(records - 1, 0)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
 
 
 class Progress:
-    """A counter line on stderr, redrawn in place on a terminal, one line per step otherwise."""
+    """Progress on stderr: a rich progress bar on a terminal; elsewhere one counter line every
+    `PROGRESS_EVERY` rows and a last one, so logs of long runs show how far they got."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, total: int | None = None) -> None:
         self._stream = stream
-        self._tty = stream.isatty() if hasattr(stream, "isatty") else False
+        self._bar: rich.progress.Progress | None = None
+        self._task: rich.progress.TaskID | None = None
+        if is_terminal(stream):
+            self._bar = rich.progress.Progress(
+                rich.progress.TextColumn("settling"),
+                rich.progress.BarColumn(),
+                rich.progress.MofNCompleteColumn(),
+                rich.progress.TextColumn("{task.fields[counts]}"),
+                rich.progress.TimeElapsedColumn(),
+                console=Console(file=stream, highlight=False, markup=False, emoji=False),
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._task = self._bar.add_task("settle", total=total, counts="")
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    @staticmethod
+    def counts(summary: Summary) -> str:
+        return f"{summary.settled} settled, {summary.deduplicated} deduplicated, {summary.failed} failed"
 
     def show(self, summary: Summary, *, final: bool = False) -> None:
-        if not final and summary.rows % PROGRESS_EVERY:
+        if self._bar is not None and self._task is not None:
+            if final:  # the bar ends full even when a malformed row stopped the run early
+                self._bar.update(self._task, completed=summary.rows, total=summary.rows, counts=self.counts(summary))
+            else:
+                self._bar.update(self._task, completed=summary.rows, counts=self.counts(summary))
             return
-        line = f"kpisettle: {summary.rows} rows: {summary.settled} settled, {summary.deduplicated} deduplicated, {summary.failed} failed"
-        if self._tty:
-            self._stream.write("\r" + line + ("\n" if final else ""))
-        elif not final or summary.rows % PROGRESS_EVERY:
-            self._stream.write(line + "\n")
+        at_step = summary.rows % PROGRESS_EVERY == 0
+        if at_step == final:  # a step's line is written once; the last line only after a partial step
+            return
+        self._stream.write(f"kpisettle: {summary.rows} rows: {self.counts(summary)}\n")
         self._stream.flush()
 
 
@@ -328,7 +379,8 @@ def run_batch(client: KpisettleClient, args: argparse.Namespace, stdout: TextIO,
 
     Stream failures (connection, permissions) raise `KpisettleError` for the caller to report."""
     kind = kind_of(args.batch, "--batch")
-    summary, progress = Summary(), Progress(stderr)
+    summary = Summary()
+    progress = Progress(stderr, count_rows(args.batch, kind) if is_terminal(stderr) else None)
     stopped: str | None = None
     with ExitStack() as stack:
         try:
@@ -342,6 +394,7 @@ def run_batch(client: KpisettleClient, args: argparse.Namespace, stdout: TextIO,
             except OSError as exc:
                 raise InputError(f"cannot write {args.results}: {exc}") from None
             writer = ResultsWriter(out, kind_of(args.results, "--results"))
+        stack.enter_context(progress)
         try:
             for result in client.settle_batch(read_rows(args.batch, kind, source), items_per_message=args.items_per_message):
                 summary.add(result)
@@ -350,8 +403,8 @@ def run_batch(client: KpisettleClient, args: argparse.Namespace, stdout: TextIO,
                 progress.show(summary)
         except InputError as exc:
             stopped = str(exc)
-    progress.show(summary, final=True)
-    stdout.write(summary.report(args.results, stopped).render(args.format))
+        progress.show(summary, final=True)
+    emit(summary.report(args.results, stopped), args.format, stdout)
     if stopped is not None:
         print(f"kpisettle: {stopped}", file=stderr)
         print(f"kpisettle: stopped at the malformed row; the {summary.rows} rows before it were answered", file=stderr)

@@ -8,10 +8,16 @@
     settle --batch rows.csv|rows.jsonl [--results OUT.jsonl|OUT.csv] [--items-per-message N]
     get NAME · list [filters] · breakdown NAME · explain NAME [--language en|zh]
     audit verify · audit replay NAME...
+    export lines|deltas --from D --to D [--market M] [--contract C] [--seller S] [--ruleset R]
+           [--skip-zero] [--output FILE]  (billing; see clients/cli/export.py for the columns)
     rulesets validate FILE... (offline) · create FILE · approve NAME · retire NAME
              list [RULESET] · show NAME · diff NAME OTHER · impact CANDIDATE --from D --to D
 
 `--target` defaults to $KPISETTLE_TARGET or 127.0.0.1:50051, `--token` to $KPISETTLE_TOKEN.
+
+Human output (`--format table`, the default) is drawn with rich: colours on a terminal,
+plain text in a pipe or a file; `--format json|csv` is exact (decimal strings). `--format`
+may also follow the command.
 
 Exit codes: 0 all good; 1 some items or checks failed (the service refused the request's
 content — invalid input, not found, failed precondition, revision mismatch —, a replay
@@ -34,10 +40,10 @@ import grpc
 
 from clients.kpisettle_client import KpisettleClient, KpisettleError
 
-from . import views
+from . import export, views
 from .batch import BatchUsageError, check_options, run_batch
 from .inputs import InputError, from_args, parse_date
-from .output import FORMATS, Report
+from .output import FORMATS, Report, emit
 from .validate import validate_files
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -142,7 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     impact.add_argument("candidate")
     impact.add_argument("--from", dest="period_from", required=True, help="YYYY-MM-DD")
     impact.add_argument("--to", dest="period_to", required=True, help="YYYY-MM-DD")
+
+    export.add_parser(commands)
+    _format_after_commands(parser)
     return parser
+
+
+def _format_after_commands(parser: argparse.ArgumentParser) -> None:
+    """Let `--format` also follow the command (`kpisettle export lines … --format csv`); given
+    there, it wins over one given before the command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _format_after_commands(sub)
+                if not any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                    sub.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS, help="as the global --format")
 
 
 def version_name(name: str) -> str:
@@ -273,6 +293,8 @@ def run(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
         with connect(args) as client:
             if batch:
                 return run_batch(client, args, stdout, stderr)
+            if args.command == "export":
+                return export.run_export(client, args, stdout)
             report, code = COMMANDS[args.command](client, args)
     except (UsageError, BatchUsageError) as exc:
         print(exc, file=stderr)
@@ -285,7 +307,7 @@ def run(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
         if exc.code == grpc.StatusCode.UNAVAILABLE:
             print(f"kpisettle: is the service running at {args.target}? (--target or KPISETTLE_TARGET)", file=stderr)
         return error_exit(exc)
-    stdout.write(report.render(args.format))
+    emit(report, args.format, stdout)
     return code
 
 

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from engine import validate_ruleset
 from engine.problems import Problem, Severity
 
-from .output import Report, pairs
+from .output import Lines, Report, emit
 
 PROBLEM_COLUMNS = ("file", "line", "column", "severity", "code", "path", "message")
 
@@ -79,7 +79,7 @@ def validate_files(paths: list[str], fmt: str, stdout: TextIO, stderr: TextIO) -
         )
         if not report.examples_pass:
             worst = max(worst, 1)
-    out = Report(data, rows, PROBLEM_COLUMNS, "\n".join(human) if human else pairs({}))
+    out = Report(data, rows, PROBLEM_COLUMNS, [Lines("\n".join(human))])
     if data or fmt != "table":
-        stdout.write(out.render(fmt))
+        emit(out, fmt, stdout)
     return worst

@@ -17,7 +17,7 @@ from clients.kpisettle_client import (
     Settlement,
 )
 
-from .output import Report, pairs, table
+from .output import Block, Lines, Pairs, Report, Table
 
 SETTLEMENT_COLUMNS = (
     "name",
@@ -108,17 +108,22 @@ def settlement(s: Settlement) -> Report:
         head["supersedes"] = s.supersedes
     if s.deduplicated:
         head["deduplicated"] = True
-    parts = [pairs(head), "", table([line_row(line) for line in s.lines], LINE_COLUMNS, empty="(no lines)")]
+    blocks: list[Block] = [Pairs(head), Table([line_row(line) for line in s.lines], LINE_COLUMNS, empty="(no lines)")]
+    if s.revision > 1:  # a correction: what changed against the revision it supersedes
+        changed = [
+            {"line": d.id, "previous_amount": d.previous_amount, "amount": d.amount, "delta": d.delta} for d in s.deltas if d.delta != 0
+        ]
+        blocks.append(Table(changed, ("line", "previous_amount", "amount", "delta"), empty="(no line changed)"))
     if s.kpis:
-        parts += ["", table([{"kpi": k, "value": v} for k, v in s.kpis.items()], ("kpi", "value"))]
-    for warning in s.warnings:
-        parts += [f"warning {warning.id}: {warning.message}"]
-    return Report(settlement_data(s), [settlement_row(s)], SETTLEMENT_COLUMNS, "\n".join(parts))
+        blocks.append(Table([{"kpi": k, "value": v} for k, v in s.kpis.items()], ("kpi", "value")))
+    if s.warnings:
+        blocks.append(Lines("\n".join(f"warning {w.id}: {w.message}" for w in s.warnings)))
+    return Report(settlement_data(s), [settlement_row(s)], SETTLEMENT_COLUMNS, blocks)
 
 
 def settlements(items: Sequence[Settlement]) -> Report:
     rows = [settlement_row(s) for s in items]
-    return Report(rows, rows, SETTLEMENT_COLUMNS, table(rows, SETTLEMENT_COLUMNS, empty="(no settlements)"))
+    return Report(rows, rows, SETTLEMENT_COLUMNS, [Table(rows, SETTLEMENT_COLUMNS, empty="(no settlements)")])
 
 
 def breakdown(b: FeeBreakdown) -> Report:
@@ -167,13 +172,12 @@ def breakdown(b: FeeBreakdown) -> Report:
         "deltas": [{"id": d.id, "previous_amount": d.previous_amount, "amount": d.amount, "delta": d.delta} for d in b.deltas],
     }
     shown = ("line", "kind", "label", "basis", "rate", "amount", "previous_amount", "delta")
-    text = "\n".join([pairs(head), "", table(rows, shown, empty="(no lines)")])
-    return Report(data, rows, BREAKDOWN_COLUMNS, text)
+    return Report(data, rows, BREAKDOWN_COLUMNS, [Pairs(head), Table(rows, shown, empty="(no lines)")])
 
 
 def explanation(e: Explanation) -> Report:
     rows = [{"n": i, "sentence": s} for i, s in enumerate(e.sentences, 1)]
-    return Report({"language": e.language, "sentences": list(e.sentences)}, rows, ("n", "sentence"), "\n".join(e.sentences))
+    return Report({"language": e.language, "sentences": list(e.sentences)}, rows, ("n", "sentence"), [Lines("\n".join(e.sentences))])
 
 
 def audit(a: AuditReport) -> Report:
@@ -185,12 +189,12 @@ def audit(a: AuditReport) -> Report:
         "failed_record": a.failed_record,
     }
     shown = row if not a.ok else {"ok": True, "records_checked": a.records_checked}
-    return Report(row, [row], tuple(row), pairs(shown))
+    return Report(row, [row], tuple(row), [Pairs(shown)])
 
 
 def replays(results: Sequence[tuple[str, ReplayResult]]) -> Report:
     rows = [{"name": n, "match": r.match, "first_difference": r.first_difference, "engine_version": r.engine_version} for n, r in results]
-    return Report(rows, rows, REPLAY_COLUMNS, table(rows, REPLAY_COLUMNS))
+    return Report(rows, rows, REPLAY_COLUMNS, [Table(rows, REPLAY_COLUMNS)])
 
 
 def version_row(v: RulesetVersion) -> dict[str, Any]:
@@ -219,24 +223,25 @@ def version(v: RulesetVersion, *, with_source: bool = False) -> Report:
         "source": v.source,
     }
     head = {**row, "content_hash": v.content_hash}
-    parts = [pairs(head)]
+    blocks: list[Block] = [Pairs(head)]
     if v.events:
         events = [{"action": e.action, "principal": e.principal, "time": e.time, "note": e.note} for e in v.events]
-        parts += ["", table(events, ("action", "principal", "time", "note"))]
-    parts += [f"warning: {p}" for p in v.warnings]
+        blocks.append(Table(events, ("action", "principal", "time", "note")))
+    if v.warnings:
+        blocks.append(Lines("\n".join(f"warning: {p}" for p in v.warnings)))
     if with_source and v.source:
-        parts += ["", v.source.rstrip("\n")]
-    return Report(data, [row], VERSION_COLUMNS, "\n".join(parts))
+        blocks.append(Lines(v.source.rstrip("\n")))
+    return Report(data, [row], VERSION_COLUMNS, blocks)
 
 
 def versions(items: Sequence[RulesetVersion]) -> Report:
     rows = [version_row(v) for v in items]
-    return Report(rows, rows, VERSION_COLUMNS, table(rows, VERSION_COLUMNS, empty="(no ruleset versions)"))
+    return Report(rows, rows, VERSION_COLUMNS, [Table(rows, VERSION_COLUMNS, empty="(no ruleset versions)")])
 
 
 def changes(items: Sequence[RulesetChange]) -> Report:
     rows = [{"change": c.change, "path": c.path, "description": c.description, "before": c.before, "after": c.after} for c in items]
-    return Report(rows, rows, CHANGE_COLUMNS, table(rows, CHANGE_COLUMNS, empty="(no changes)"))
+    return Report(rows, rows, CHANGE_COLUMNS, [Table(rows, CHANGE_COLUMNS, empty="(no changes)")])
 
 
 def impact(r: ImpactReport) -> Report:
@@ -255,13 +260,9 @@ def impact(r: ImpactReport) -> Report:
     ]
     totals = [{"currency": t.currency, "old_total": t.old_total, "new_total": t.new_total, "delta": t.delta} for t in r.totals]
     data = {"settlements_analyzed": r.settlements_analyzed, "settlements_failed": r.settlements_failed, "impacts": rows, "totals": totals}
-    text = "\n".join(
-        [
-            table(rows, IMPACT_COLUMNS, empty="(no settlements in the period)"),
-            "",
-            table(totals, ("currency", "old_total", "new_total", "delta"), empty="(no totals)"),
-            "",
-            f"{r.settlements_analyzed} analyzed, {r.settlements_failed} failed",
-        ]
-    )
-    return Report(data, rows, IMPACT_COLUMNS, text)
+    blocks: list[Block] = [
+        Table(rows, IMPACT_COLUMNS, empty="(no settlements in the period)"),
+        Table(totals, ("currency", "old_total", "new_total", "delta"), empty="(no totals)"),
+        Lines(f"{r.settlements_analyzed} analyzed, {r.settlements_failed} failed"),
+    ]
+    return Report(data, rows, IMPACT_COLUMNS, blocks)
