@@ -276,6 +276,7 @@ class Supervisor:
                         RESTART_WINDOW_SECONDS,
                         config.worker_restarts,
                     )
+                    self._forget(worker)
                     return self._stop(failed=True)
                 self.restarts.append(now)
                 self._forget(worker)
