@@ -70,6 +70,7 @@ def walkthrough_commands(readme: str) -> list[Command]:
     assert len(parts) == 3, "expected three walk-throughs (ERP, billing, compliance)"
     found: list[Command] = []
     for part in parts:
+        part = part.split("\n### ", 1)[0]  # a walk-through ends at the next subsection
         title = part.splitlines()[0].strip()
         blocks = list(re.finditer(r"```(sh|text)\n(.*?)```", part, re.DOTALL))
         for i, block in enumerate(blocks):
