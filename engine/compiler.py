@@ -14,7 +14,7 @@ from engine.matcher import Matcher
 from engine.model import FeeKind, Ruleset
 from engine.problems import Problem, RulesetInvalid, Severity
 from engine.request import SettlementRequest
-from engine.settlement import Explained, settle
+from engine.settlement import Explained, FeePlan, plan_fees, settle
 from engine.source import SourceDocument, SourceError, load_source
 from engine.validation import RulesetBuilder
 
@@ -33,6 +33,7 @@ class CompiledRuleset:
     explainers: dict[str, Explainer]
     document: SourceDocument
     input_names: dict[str, frozenset[str]]
+    fee_plans: tuple[FeePlan, ...]
     _closed: bool = field(default=False, repr=False)
     _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -120,4 +121,5 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
             "metrics": frozenset(m.name for m in ruleset.metrics),
             "params": frozenset(p.name for p in ruleset.params),
         },
+        fee_plans=plan_fees(ruleset.fees),
     )

@@ -90,7 +90,10 @@ class Decision(NamedTuple):
         raise KeyError(line_id)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values; every decimal as an exact string."""
+        """Plain JSON values; every decimal as an exact string.
+
+        The parts are unpacked rather than read field by field: this runs once per
+        settlement on the service path, over every rule and line."""
         return {
             "ruleset": {"id": self.ruleset_id, "version": self.ruleset_version, "content_hash": self.content_hash},
             "engine_version": self.engine_version,
@@ -113,26 +116,26 @@ class Decision(NamedTuple):
                 for f in self.fx_rates
             ],
             "exemptions": [
-                {"name": e.name, "applied": e.applied, "evidence": e.evidence, "label": {"en": e.label_en, "zh": e.label_zh}}
-                for e in self.exemptions
+                {"name": name, "applied": applied, "evidence": evidence, "label": {"en": en, "zh": zh}}
+                for name, applied, evidence, en, zh in self.exemptions
             ],
             "target_factor": plain(self.target_factor),
             # lists, not mappings: canonical JSON sorts keys, and the order of computation matters
             "params": [{"name": name, "value": plain(value)} for name, value in self.params],
             "kpis": [{"name": name, "value": plain(value)} for name, value in self.kpis],
-            "rules": [{"rule": r.rule, "kind": r.kind, "fired": r.fired, "evidence": r.evidence} for r in self.rules],
+            "rules": [{"rule": rule, "kind": kind, "fired": fired, "evidence": evidence} for rule, kind, fired, evidence in self.rules],
             "lines": [
                 {
-                    "id": ln.id,
-                    "kind": ln.kind,
-                    "label": {"en": ln.label_en, "zh": ln.label_zh},
-                    "basis": None if ln.basis is None else plain(ln.basis),
-                    "rate": None if ln.rate is None else plain(ln.rate),
-                    "exact": plain(ln.exact),
-                    "amount": plain(ln.amount),
-                    "waived_by": list(ln.waived_by),
+                    "id": line_id,
+                    "kind": kind,
+                    "label": {"en": en, "zh": zh},
+                    "basis": None if basis is None else plain(basis),
+                    "rate": None if rate is None else plain(rate),
+                    "exact": plain(exact),
+                    "amount": plain(amount),
+                    "waived_by": list(waived_by),
                 }
-                for ln in self.lines
+                for line_id, kind, en, zh, basis, rate, exact, amount, waived_by in self.lines
             ],
             "total": plain(self.total),
             "warnings": [{"id": w.id, "message": {"en": w.message_en, "zh": w.message_zh}, "evidence": w.evidence} for w in self.warnings],

@@ -205,18 +205,20 @@ class _Partition:
             },
             sort_keys=True,
         )
-        self.probes: list[tuple[_Field, Callable[[Env], Decimal]]] = []
+        # (field name, probe text, probe, decimal places, rounding) for each field, in order
+        self.plan: list[tuple[str, str, Callable[[Env], Decimal], int, str]] = []
         self.handle = -1
         self.build()
 
     def build(self) -> None:
         self.handle = durable.create_ruleset(f"kpisettle-{next(_names)}", self.definition)
-        fired = self.fire({_SENTINEL: 1})
+        fired = self.fire({"sid": _SID, "id": _FACT_ID, _SENTINEL: 1})
         if fired != [_SENTINEL]:
             raise MatcherFailure(f"priming fired {fired}, expected only the sentinel")
 
-    def fire(self, values: Mapping[str, int]) -> list[str]:
-        fact = orjson.dumps({"sid": _SID, "id": _FACT_ID, **values}).decode()
+    def fire(self, values: Mapping[str, int | str]) -> list[str]:
+        """Assert one fact (its `sid` and `id` are the engine's own), drain, retract."""
+        fact = orjson.dumps(values).decode()
         result = durable.assert_fact(self.handle, fact)
         fired: list[str] = []
         try:
@@ -265,33 +267,43 @@ class Matcher:
         if batch:
             self.partitions.append(_Partition(batch))
         for partition in self.partitions:  # each field with its probe, looked up once
-            partition.probes = [(field, self.probes[field.probe]) for field in partition.fields]
+            partition.plan = [(f.name, f.probe, self.probes[f.probe], f.places, f.rounding) for f in partition.fields]
         self._lock = threading.Lock()
         self._closed = False
 
     def decide(self, env: Env) -> set[str]:
-        """Names of the rules whose conditions hold for `env`. Raises ZeroDivision."""
+        """Names of the rules whose conditions hold for `env`. Raises ZeroDivision.
+
+        Runs twice per settlement, so the scaling (see the module header) is written out here."""
         probe_values: dict[str, Decimal] = {}
-        facts: list[dict[str, int]] = []
+        facts: list[dict[str, int | str]] = []
         for partition in self.partitions:
-            fact: dict[str, int] = {}
-            for field, probe in partition.probes:
-                value = probe_values.get(field.probe)
+            fact: dict[str, int | str] = {"sid": _SID, "id": _FACT_ID}
+            for name, probe_text, probe, places, rounding in partition.plan:
+                value = probe_values.get(probe_text)
                 if value is None:
-                    value = probe_values[field.probe] = probe(env)
-                fact[field.name] = _scaled(value, field)
+                    value = probe_values[probe_text] = probe(env)
+                if not rounding:  # an integer by type and a literal without decimals
+                    number = int(value)
+                else:
+                    if places:
+                        value = value.scaleb(places, ARITHMETIC)
+                    number = math.floor(value) if rounding == ROUND_FLOOR else math.ceil(value)
+                fact[name] = number if -VALUE_LIMIT < number < VALUE_LIMIT else (VALUE_LIMIT if number > 0 else -VALUE_LIMIT)
             facts.append(fact)
-        fired: set[str] = set()
+        fired: list[str] = []
         with self._lock:
             if self._closed:
                 raise MatcherFailure("this ruleset version was closed; compile it again to use it")
-            for partition, fact in zip(self.partitions, facts, strict=False):
+            for partition, fact in zip(self.partitions, facts, strict=True):
                 try:
-                    fired.update(partition.fire(fact))
+                    fired += partition.fire(fact)
                 except Exception as exc:  # the C core's error: start clean
                     partition.build()
                     raise MatcherFailure(f"durable_rules failed: {exc}") from exc
-        return {self.rule_names[name] for name in fired if name in self.rule_names} | self.always
+        names = self.rule_names
+        decided = {names[name] for name in fired if name in names}
+        return decided | self.always if self.always else decided
 
     def close(self) -> None:
         with self._lock:
@@ -304,21 +316,6 @@ class Matcher:
 def check_condition(condition: Condition, name_types: Mapping[str, Type], integral: set[str], markets: Sequence[str]) -> None:
     """Raise MatcherLimitError if the condition cannot be given to the C core safely."""
     _Translator(name_types, integral, markets).rule("r0", condition)
-
-
-def _scaled(value: Decimal, field: _Field) -> int:
-    shifted = value.scaleb(field.places, ARITHMETIC) if field.places else value
-    if field.rounding == ROUND_FLOOR:
-        number = math.floor(shifted)
-    elif field.rounding == ROUND_CEILING:
-        number = math.ceil(shifted)
-    else:
-        number = int(shifted)
-    if number >= VALUE_LIMIT:
-        return VALUE_LIMIT
-    if number <= -VALUE_LIMIT:
-        return -VALUE_LIMIT
-    return number
 
 
 __all__ = ["Matcher", "MatcherFailure", "MatcherLimitError", "ZeroDivision", "check_condition"]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import calendar
 import datetime
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, DecimalException
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
 from engine.expressions import Env, Explainer, Scalar, ZeroDivision
 from engine.model import Fee, FeeKind, Input, Payout, Period, TierMode, ValueType
-from engine.money import ARITHMETIC, PLAIN_COUNT, PLAIN_DECIMAL, DecimalTextError, Rounding, is_currency, parse_decimal, round_to_currency
+from engine.money import ARITHMETIC, PLAIN_COUNT, PLAIN_DECIMAL, DecimalTextError, is_currency, parse_decimal, round_to_currency
 from engine.problems import Problem, RequestInvalid
 from engine.request import MoneyAmount, SettlementRequest
 from engine.version import ENGINE_VERSION
@@ -24,12 +24,15 @@ if TYPE_CHECKING:
 ZERO = Decimal(0)
 ONE = Decimal(1)
 MAX_NAME_COUNT = 500
+_COUNT = ValueType.COUNT  # a module constant: reading a member off an enum class costs a metaclass call
+# The parts of a decision are NamedTuples; dozens are made per settlement, and tuple.__new__
+# with all fields in order (what NamedTuple._make does) skips the generated __new__'s frame.
+_new = tuple.__new__
 ctx = ARITHMETIC
 
 
-@dataclass(frozen=True)
-class Explained:
-    """A rule's name, kind and its precompiled evidence writer."""
+class Explained(NamedTuple):
+    """A rule's name, kind and its precompiled evidence writer (a tuple: unpacked per settlement)."""
 
     rule: str
     kind: str
@@ -90,7 +93,7 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     memo: dict[Any, str] = {}  # shown values of this settlement's evidence (exemptions)
     exemptions = tuple(
         [
-            ExemptionOutcome(e.name, e.name in applied, compiled.explainers[e.name](env, memo), e.label.en, e.label.zh)
+            _new(ExemptionOutcome, (e.name, e.name in applied, compiled.explainers[e.name](env, memo), e.label.en, e.label.zh))
             for e in ruleset.exemptions
         ]
     )
@@ -121,17 +124,18 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     # 6. every condition, decided by the matcher
     fired = _decide(compiled.condition_matcher.decide, env, "conditions")
     memo = {}  # values may have changed since the exemptions (targets, KPIs): a fresh memo
-    rules = tuple([RuleOutcome(r.rule, r.kind, r.rule in fired, r.explain(env, memo)) for r in compiled.rules])
+    rules = tuple([_new(RuleOutcome, (rule, kind, rule in fired, explain(env, memo))) for rule, kind, explain in compiled.rules])
     # 7. fee lines
     lines: list[Line] = []
     penalty_ids: list[str] = []
     places, rounding = ruleset.minor_units, ruleset.rounding
-    for fee in ruleset.fees:
-        line = _fee_line(fee, env, fired, applied, active_days, period_days, places, rounding)
-        env[fee.id] = line.exact
-        lines.append(line)
-        if fee.kind is FeeKind.PENALTY:
-            penalty_ids.append(fee.id)
+    for plan in compiled.fee_plans:
+        basis, rate, exact, waived_by = plan.compute(env, fired, applied, active_days, period_days)
+        env[plan.id] = exact
+        amount = round_to_currency(exact, places, rounding)
+        lines.append(_new(Line, (plan.id, plan.kind, plan.label_en, plan.label_zh, basis, rate, exact, amount, waived_by)))
+        if plan.penalty:
+            penalty_ids.append(plan.id)
     # 8. market multiplier
     multiplier = ruleset.markets[request.market]
     if multiplier != ONE and ruleset.multiply:
@@ -270,27 +274,29 @@ def _read_inputs(
         problems.append(Problem("request.too_many", section, f"{len(given)} entries; at most {MAX_NAME_COUNT}"))
         return
     known = compiled.input_names[section]
-    for name in given:
-        if name not in known:
-            shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}…"
-            problems.append(Problem("request.unknown_name", f"{section}.{shown}", f"{shown!r} is not a {section[:-1]} of this ruleset"))
+    if not known.issuperset(given):
+        for name in given:
+            if name not in known:
+                shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}…"
+                problems.append(Problem("request.unknown_name", f"{section}.{shown}", f"{shown!r} is not a {section[:-1]} of this ruleset"))
     for item in declared:
-        raw = given.get(item.name)
-        if raw is None:
+        name = item.name
+        raw = given.get(name)
+        if type(raw) is str and (PLAIN_COUNT if item.type is _COUNT else PLAIN_DECIMAL).fullmatch(raw):
+            env[name] = Decimal(raw)  # the common case, checked in one step
+        elif raw is None:
             if item.default is None:
-                problems.append(Problem("request.missing", f"{section}.{item.name}", f"{item.name!r} is required"))
+                problems.append(Problem("request.missing", f"{section}.{name}", f"{name!r} is required"))
             else:
-                env[item.name] = item.default
+                env[name] = item.default
         elif isinstance(raw, MoneyAmount):
-            value = _money(raw, item, f"{section}.{item.name}", problems, compiled.ruleset.currency, request, fx_used)
+            value = _money(raw, item, f"{section}.{name}", problems, compiled.ruleset.currency, request, fx_used)
             if value is not None:
-                env[item.name] = value
-        elif type(raw) is str and (PLAIN_COUNT if item.type is ValueType.COUNT else PLAIN_DECIMAL).fullmatch(raw):
-            env[item.name] = Decimal(raw)  # the common case, checked in one step
+                env[name] = value
         else:
             value = _parse(raw, item, section, problems)
             if value is not None:
-                env[item.name] = value
+                env[name] = value
 
 
 def _money(
@@ -348,46 +354,98 @@ def _convert(
     return None
 
 
-def _fee_line(
-    fee: Fee, env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int, places: int, rounding: Rounding
-) -> Line:
-    kind = fee.kind
-    basis: Decimal | None = None
-    rate: Decimal | None = None
-    waived_by: tuple[str, ...] = ()
+_Computed = tuple[Decimal | None, Decimal | None, Decimal, tuple[str, ...]]  # basis, rate, exact, waived_by
+FeeStep = Callable[[Env, set[str], set[str], int, int], _Computed]
+
+
+@dataclass(frozen=True)
+class FeePlan:
+    """A fee prepared once per compiled version: what its line says, and how to compute it.
+
+    `compute(env, fired, applied, active_days, period_days)` gives the line's basis, rate,
+    exact amount and the exemptions that waive it (SPEC §4 step 7); the choice of kind,
+    mode and payout is made here, once, instead of on every settlement.
+    """
+
+    id: str
+    kind: str
+    label_en: str
+    label_zh: str
+    penalty: bool
+    compute: FeeStep
+
+
+def plan_fees(fees: Sequence[Fee]) -> tuple[FeePlan, ...]:
+    return tuple(FeePlan(f.id, f.kind.value, f.label.en, f.label.zh, f.kind is FeeKind.PENALTY, _fee_step(f)) for f in fees)
+
+
+def _fee_step(fee: Fee) -> FeeStep:
+    kind, path = fee.kind, fee.id
     if kind is FeeKind.FIXED:
         assert fee.amount is not None
-        exact = _number(fee.amount.evaluate, env, fee.id)
+        amount = fee.amount.evaluate
         if fee.prorate:
-            basis, rate = exact, ctx.divide(Decimal(active_days), Decimal(period_days))
-            exact = ctx.multiply(basis, rate)
-    elif kind is FeeKind.PERCENTAGE:
+
+            def prorated(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+                basis = _number(amount, env, path)
+                rate = ctx.divide(Decimal(active_days), Decimal(period_days))
+                return basis, rate, ctx.multiply(basis, rate), ()
+
+            return prorated
+
+        def fixed(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+            return None, None, _number(amount, env, path), ()
+
+        return fixed
+    if kind is FeeKind.PERCENTAGE:
         assert fee.basis is not None and fee.rate is not None
-        basis, rate = _number(fee.basis.evaluate, env, fee.id), fee.rate
-        exact = ctx.multiply(basis, rate)
-    elif kind is FeeKind.TIERED:
+        of, fixed_rate = fee.basis.evaluate, fee.rate
+
+        def percentage(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+            basis = _number(of, env, path)
+            return basis, fixed_rate, ctx.multiply(basis, fixed_rate), ()
+
+        return percentage
+    if kind is FeeKind.TIERED:
         assert fee.basis is not None
-        basis = _number(fee.basis.evaluate, env, fee.id)
+        of = fee.basis.evaluate
         if fee.mode is TierMode.VOLUME:
-            rate = _volume_rate(fee, basis)
-            exact = ctx.multiply(max(basis, ZERO), rate)
-        else:
-            exact = _graduated(fee, basis)
-    elif kind is FeeKind.BONUS and fee.steps_on is not None:
-        reached = [s for s in fee.steps if s.rule in fired]
-        if reached:
-            basis, rate, exact = _payout(max(reached, key=lambda s: s.threshold).payout, env, fee.id)
-        else:
-            exact = ZERO
-    elif fee.id not in fired:
-        exact = ZERO
-    else:
-        basis, rate, exact = _payout(fee.payout, env, fee.id)
-        if kind is FeeKind.PENALTY:
-            waived_by = tuple(name for name in fee.exempt_by if name in applied)
-            exact = ZERO if waived_by else ctx.minus(exact)
-    amount = round_to_currency(exact, places, rounding)
-    return Line(fee.id, kind.value, fee.label.en, fee.label.zh, basis, rate, exact, amount, waived_by)
+
+            def volume(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+                basis = _number(of, env, path)
+                rate = _volume_rate(fee, basis)
+                return basis, rate, ctx.multiply(max(basis, ZERO), rate), ()
+
+            return volume
+
+        def graduated(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+            basis = _number(of, env, path)
+            return basis, None, _graduated(fee, basis), ()
+
+        return graduated
+    if kind is FeeKind.BONUS and fee.steps_on is not None:
+        # the highest step reached pays; stable sort keeps max()'s choice among equal thresholds
+        steps = sorted(fee.steps, key=lambda step: step.threshold, reverse=True)
+
+        def stepped(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+            for step in steps:
+                if step.rule in fired:
+                    return (*_payout(step.payout, env, path), ())
+            return None, None, ZERO, ()
+
+        return stepped
+    payout, exempt_by, penalty = fee.payout, fee.exempt_by, kind is FeeKind.PENALTY
+
+    def conditional(env: Env, fired: set[str], applied: set[str], active_days: int, period_days: int) -> _Computed:
+        if path not in fired:
+            return None, None, ZERO, ()
+        basis, rate, exact = _payout(payout, env, path)
+        if not penalty:
+            return basis, rate, exact, ()
+        waived_by = tuple(name for name in exempt_by if name in applied)
+        return basis, rate, ZERO if waived_by else ctx.minus(exact), waived_by
+
+    return conditional
 
 
 def _graduated(fee: Fee, basis: Decimal) -> Decimal:
