@@ -209,6 +209,76 @@ _ALLOWED_TRANSITIONS: Final[Mapping[LifecycleAction, frozenset[VersionStatus]]] 
 }
 
 
+def _versions_select() -> sa.Select[Any]:
+    """Every version of the tenant bound as `tenant`, with its approval and retirement."""
+    v = ruleset_versions
+    approved = lifecycle_events.alias("approved")
+    retired = lifecycle_events.alias("retired")
+
+    def joined(alias: sa.FromClause, action: LifecycleAction) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            alias.c.tenant == v.c.tenant,
+            alias.c.ruleset_id == v.c.ruleset_id,
+            alias.c.version == v.c.version,
+            alias.c.action == action.value,
+        )
+
+    return (
+        sa.select(
+            v.c.tenant,
+            v.c.ruleset_id,
+            v.c.version,
+            v.c.source,
+            v.c.content_hash,
+            v.c.effective_from,
+            v.c.author,
+            v.c.create_time,
+            approved.c.principal.label("approver"),
+            approved.c.event_time.label("approve_time"),
+            retired.c.event_time.label("retire_time"),
+        )
+        .select_from(
+            v.outerjoin(approved, joined(approved, LifecycleAction.APPROVED)).outerjoin(retired, joined(retired, LifecycleAction.RETIRED))
+        )
+        .where(v.c.tenant == sa.bindparam("tenant"))
+    )
+
+
+# The statements of the settle path, built once: building a statement (and its cache key)
+# costs more than running it, and a settlement runs about ten of them.
+_VERSIONS: Final = _versions_select()
+_VERSION: Final = _VERSIONS.where(
+    ruleset_versions.c.ruleset_id == sa.bindparam("ruleset_id"), ruleset_versions.c.version == sa.bindparam("version")
+)
+_VERSIONS_IN_EFFECT: Final = _VERSIONS.where(
+    ruleset_versions.c.ruleset_id == sa.bindparam("ruleset_id"), ruleset_versions.c.effective_from <= sa.bindparam("on")
+).order_by(ruleset_versions.c.effective_from.desc(), ruleset_versions.c.version.desc())
+_HEAD: Final = sa.select(chain_heads.c.last_seq, chain_heads.c.last_hash).where(chain_heads.c.tenant == sa.bindparam("tenant"))
+_HEAD_FOR_UPDATE: Final = _HEAD.with_for_update()
+_SAVE_HEAD: Final = chain_heads.update().where(chain_heads.c.tenant == sa.bindparam("head_tenant"))
+_SETTLEMENT_BY_REQUEST: Final = sa.select(settlements).where(
+    settlements.c.tenant == sa.bindparam("tenant"), settlements.c.request_id == sa.bindparam("request_id")
+)
+_SETTLEMENT_BY_ID: Final = sa.select(settlements).where(
+    settlements.c.tenant == sa.bindparam("tenant"), settlements.c.settlement_id == sa.bindparam("settlement_id")
+)
+_OF_CONTRACT_PERIOD: Final = (
+    settlements.c.tenant == sa.bindparam("tenant"),
+    settlements.c.contract_id == sa.bindparam("contract_id"),
+    settlements.c.period_start == sa.bindparam("period_start"),
+)
+_LATEST_SETTLEMENT: Final = sa.select(settlements).where(*_OF_CONTRACT_PERIOD).order_by(settlements.c.revision.desc()).limit(1)
+_LATEST_REVISION: Final = (
+    sa.select(settlements.c.settlement_id, settlements.c.revision)
+    .where(*_OF_CONTRACT_PERIOD)
+    .order_by(settlements.c.revision.desc())
+    .limit(1)
+)
+_REQUEST_TAKEN: Final = sa.select(settlements.c.settlement_id).where(
+    settlements.c.tenant == sa.bindparam("tenant"), settlements.c.request_id == sa.bindparam("request_id")
+)
+
+
 class StoreBusy(StoreError):
     """The write lock was not had in time (another writer holds it); worth retrying (UNAVAILABLE)."""
 
@@ -239,16 +309,14 @@ class _ChainWriter:
         row["chain_seq"] = self.seq + 1
         row["previous_hash"] = self.last_hash
         row["record_hash"] = link_hash(self.last_hash, canonical_content(kind, row))
-        self.conn.execute(table.insert().values(row))
+        self.conn.execute(table.insert(), row)
         self.seq += 1
         self.last_hash = str(row["record_hash"])
         return row
 
     def save_head(self) -> None:
         if self.seq != self.start_seq:
-            self.conn.execute(
-                chain_heads.update().where(chain_heads.c.tenant == self.tenant).values(last_seq=self.seq, last_hash=self.last_hash)
-            )
+            self.conn.execute(_SAVE_HEAD, {"head_tenant": self.tenant, "last_seq": self.seq, "last_hash": self.last_hash})
 
 
 def _check_page_size(page_size: int) -> int:
@@ -274,6 +342,10 @@ class SqlStore:
         # SQLite has one writer at a time and its busy handler polls: the threads of this
         # process queue on a lock instead, and only other processes meet the busy handler.
         self._local_write_lock = None if self._postgres else threading.Lock()
+        self._set_lock_timeout = sa.text(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout * 1000))}ms'")
+        # Single-statement reads need no transaction around them: on PostgreSQL they run in
+        # autocommit, which saves the BEGIN and ROLLBACK round trips of each one.
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._postgres else engine
 
     @property
     def engine(self) -> Engine:
@@ -301,22 +373,22 @@ class SqlStore:
             raise StoreBusy(busy)
         try:
             with self._writer.begin() as conn:
-                head = sa.select(chain_heads.c.last_seq, chain_heads.c.last_hash).where(chain_heads.c.tenant == tenant)
+                params = {"tenant": tenant}
                 if self._postgres:
-                    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{max(1, int(self._lock_timeout * 1000))}ms'"))
-                    row = conn.execute(head.with_for_update()).one_or_none()
+                    conn.execute(self._set_lock_timeout)
+                    row = conn.execute(_HEAD_FOR_UPDATE, params).one_or_none()
                     if row is None:
                         conn.execute(
                             pg_insert(chain_heads)
                             .values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH)
                             .on_conflict_do_nothing(index_elements=["tenant"])
                         )
-                        row = conn.execute(head.with_for_update()).one()
+                        row = conn.execute(_HEAD_FOR_UPDATE, params).one()
                 else:  # BEGIN IMMEDIATE already holds the database's write lock
-                    row = conn.execute(head).one_or_none()
+                    row = conn.execute(_HEAD, params).one_or_none()
                     if row is None:
                         conn.execute(chain_heads.insert().values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH))
-                        row = conn.execute(head).one()
+                        row = conn.execute(_HEAD, params).one()
                 writer = _ChainWriter(conn, tenant, int(row.last_seq), str(row.last_hash))
                 yield writer
                 writer.save_head()
@@ -338,41 +410,6 @@ class SqlStore:
                 yield conn
 
     # -- ruleset versions ---------------------------------------------------------------
-
-    def _versions_query(self, tenant: str) -> sa.Select[Any]:
-        v = ruleset_versions
-        approved = lifecycle_events.alias("approved")
-        retired = lifecycle_events.alias("retired")
-
-        def joined(alias: sa.FromClause, action: LifecycleAction) -> sa.ColumnElement[bool]:
-            return sa.and_(
-                alias.c.tenant == v.c.tenant,
-                alias.c.ruleset_id == v.c.ruleset_id,
-                alias.c.version == v.c.version,
-                alias.c.action == action.value,
-            )
-
-        return (
-            sa.select(
-                v.c.tenant,
-                v.c.ruleset_id,
-                v.c.version,
-                v.c.source,
-                v.c.content_hash,
-                v.c.effective_from,
-                v.c.author,
-                v.c.create_time,
-                approved.c.principal.label("approver"),
-                approved.c.event_time.label("approve_time"),
-                retired.c.event_time.label("retire_time"),
-            )
-            .select_from(
-                v.outerjoin(approved, joined(approved, LifecycleAction.APPROVED)).outerjoin(
-                    retired, joined(retired, LifecycleAction.RETIRED)
-                )
-            )
-            .where(v.c.tenant == tenant)
-        )
 
     @staticmethod
     def _version_record(row: sa.Row[Any]) -> RulesetVersionRecord:
@@ -398,8 +435,7 @@ class SqlStore:
         )
 
     def _load_version(self, conn: Connection, tenant: str, ruleset_id: str, version: int) -> RulesetVersionRecord:
-        query = self._versions_query(tenant).where(ruleset_versions.c.ruleset_id == ruleset_id, ruleset_versions.c.version == version)
-        row = conn.execute(query).one_or_none()
+        row = conn.execute(_VERSION, {"tenant": tenant, "ruleset_id": ruleset_id, "version": version}).one_or_none()
         if row is None:
             raise NotFound(f"ruleset {ruleset_id!r} has no version {version}")
         return self._version_record(row)
@@ -453,7 +489,7 @@ class SqlStore:
         )
 
     def get_ruleset_version(self, tenant: str, ruleset_id: str, version: int) -> RulesetVersionRecord:
-        with self._engine.connect() as conn:
+        with self._reader.connect() as conn:
             return self._load_version(conn, tenant, ruleset_id, version)
 
     def list_ruleset_versions(
@@ -461,21 +497,19 @@ class SqlStore:
     ) -> list[RulesetVersionRecord]:
         limit = _check_page_size(page_size)
         v = ruleset_versions
-        query = self._versions_query(tenant)
+        query = _VERSIONS
         if ruleset_id is not None:
             query = query.where(v.c.ruleset_id == ruleset_id)
         if after is not None:
             query = query.where(sa.tuple_(v.c.ruleset_id, v.c.version) > sa.tuple_(sa.literal(after[0]), sa.literal(after[1])))
         query = query.order_by(v.c.ruleset_id, v.c.version).limit(limit)
-        with self._engine.connect() as conn:
-            return [self._version_record(row) for row in conn.execute(query)]
+        with self._reader.connect() as conn:
+            return [self._version_record(row) for row in conn.execute(query, {"tenant": tenant})]
 
     def version_in_effect(self, tenant: str, ruleset_id: str, on: datetime.date) -> RulesetVersionRecord | None:
         """The APPROVED version with the latest effective_from on or before `on` (ties: highest version)."""
-        v = ruleset_versions
-        query = self._versions_query(tenant).where(v.c.ruleset_id == ruleset_id, v.c.effective_from <= on)
-        with self._engine.connect() as conn:
-            rows = conn.execute(query.order_by(v.c.effective_from.desc(), v.c.version.desc()))
+        with self._reader.connect() as conn:
+            rows = conn.execute(_VERSIONS_IN_EFFECT, {"tenant": tenant, "ruleset_id": ruleset_id, "on": on})
             for row in rows:
                 record = self._version_record(row)
                 if record.status is VersionStatus.APPROVED:
@@ -563,36 +597,19 @@ class SqlStore:
             ),
         )
 
-    def _one_settlement(self, where: sa.ColumnElement[bool], conn: Connection | None = None) -> SettlementRecord | None:
-        query = sa.select(settlements).where(where)
-        if conn is not None:
-            row = conn.execute(query).one_or_none()
-        else:
-            with self._engine.connect() as own:
-                row = own.execute(query).one_or_none()
+    def _one_settlement(self, query: sa.Select[Any], params: Mapping[str, object]) -> SettlementRecord | None:
+        with self._reader.connect() as conn:
+            row = conn.execute(query, params).one_or_none()
         return None if row is None else self._settlement_record(row)
 
     def settlement_by_request(self, tenant: str, request_id: str) -> SettlementRecord | None:
-        s = settlements
-        return self._one_settlement(sa.and_(s.c.tenant == tenant, s.c.request_id == request_id))
-
-    def _latest_query(self, tenant: str, contract_id: str, period_start: datetime.date) -> sa.Select[Any]:
-        s = settlements
-        return (
-            sa.select(s)
-            .where(s.c.tenant == tenant, s.c.contract_id == contract_id, s.c.period_start == period_start)
-            .order_by(s.c.revision.desc())
-            .limit(1)
-        )
+        return self._one_settlement(_SETTLEMENT_BY_REQUEST, {"tenant": tenant, "request_id": request_id})
 
     def latest_settlement(self, tenant: str, contract_id: str, period_start: datetime.date) -> SettlementRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(self._latest_query(tenant, contract_id, period_start)).one_or_none()
-        return None if row is None else self._settlement_record(row)
+        return self._one_settlement(_LATEST_SETTLEMENT, {"tenant": tenant, "contract_id": contract_id, "period_start": period_start})
 
     def get_settlement(self, tenant: str, settlement_id: str) -> SettlementRecord:
-        s = settlements
-        record = self._one_settlement(sa.and_(s.c.tenant == tenant, s.c.settlement_id == settlement_id))
+        record = self._one_settlement(_SETTLEMENT_BY_ID, {"tenant": tenant, "settlement_id": settlement_id})
         if record is None:
             raise NotFound(f"no settlement {settlement_id!r}")
         return record
@@ -617,16 +634,11 @@ class SqlStore:
         try:
             with self._write(new.tenant) as chain:
                 conn = chain.conn
-                taken = conn.execute(
-                    sa.select(s.c.settlement_id).where(s.c.tenant == new.tenant, s.c.request_id == new.request_id)
-                ).one_or_none()
+                taken = conn.execute(_REQUEST_TAKEN, {"tenant": new.tenant, "request_id": new.request_id}).one_or_none()
                 if taken is not None:
                     raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled as {taken.settlement_id}")
                 latest = conn.execute(
-                    sa.select(s.c.settlement_id, s.c.revision)
-                    .where(s.c.tenant == new.tenant, s.c.contract_id == new.contract_id, s.c.period_start == new.period_start)
-                    .order_by(s.c.revision.desc())
-                    .limit(1)
+                    _LATEST_REVISION, {"tenant": new.tenant, "contract_id": new.contract_id, "period_start": new.period_start}
                 ).one_or_none()
                 latest_revision = 0 if latest is None else int(latest.revision)
                 if new.expected_revision is not None and new.expected_revision != latest_revision:
@@ -722,7 +734,7 @@ class SqlStore:
             key = sa.tuple_(s.c.period_start, s.c.contract_id, s.c.revision)
             query = query.where(key > sa.tuple_(sa.literal(after[0], sa.Date), sa.literal(after[1]), sa.literal(after[2])))
         query = query.order_by(s.c.period_start, s.c.contract_id, s.c.revision).limit(limit)
-        with self._engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [self._settlement_record(row) for row in conn.execute(query)]
 
     def settlements_in_period(self, tenant: str, period_from: datetime.date, period_to: datetime.date) -> Iterator[SettlementRecord]:
@@ -739,12 +751,12 @@ class SqlStore:
     # -- the chain ----------------------------------------------------------------------
 
     def _head(self, conn: Connection, tenant: str) -> tuple[int, str] | None:
-        row = conn.execute(sa.select(chain_heads.c.last_seq, chain_heads.c.last_hash).where(chain_heads.c.tenant == tenant)).one_or_none()
+        row = conn.execute(_HEAD, {"tenant": tenant}).one_or_none()
         return None if row is None else (int(row.last_seq), str(row.last_hash))
 
     def chain_head(self, tenant: str) -> tuple[int, str] | None:
         """The tenant's stored chain head (last seq, last record_hash); None before its first record."""
-        with self._engine.connect() as conn:
+        with self._reader.connect() as conn:
             return self._head(conn, tenant)
 
     @staticmethod
