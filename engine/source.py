@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 from engine.problems import Problem
 
@@ -22,6 +23,10 @@ MAX_NODES = 20_000
 MAX_DEPTH = 32
 
 _TAG = "tag:yaml.org,2002:"
+#: What the YAML reader refuses as raw text (its NON_PRINTABLE set); a scalar may still
+#: carry it through an escape such as "\uD800" or "\x00". A lone surrogate cannot even be
+#: encoded as UTF-8 (to hash or store the value), so these are refused wherever they come from.
+_NOT_TEXT = re.compile(r"[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _SCALAR_TAGS = {_TAG + t for t in ("str", "int", "float", "timestamp", "null", "bool")}
 
 Value = str | bool | None | list["Value"] | dict[str, "Value"]
@@ -86,6 +91,9 @@ def load_source(text: str | bytes) -> SourceDocument:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         raise SourceError(Problem("source.syntax", "", f"{exc.problem or exc.context}", line=line, column=column)) from exc
+    except ReaderError as exc:  # a character YAML does not take as text: where it is
+        line, column = _line_column(text, exc.position)
+        raise SourceError(Problem("source.syntax", "", str(exc), line=line, column=column)) from exc
     except YAMLError as exc:
         raise SourceError(Problem("source.syntax", "", str(exc))) from exc
     except RecursionError as exc:
@@ -95,6 +103,13 @@ def load_source(text: str | bytes) -> SourceDocument:
     walker = _Walker()
     data = walker.walk(root, "", 0)
     return SourceDocument(data, walker.positions, walker.key_positions)
+
+
+def _line_column(text: str, offset: object) -> tuple[int, int]:
+    """1-based line and column of a character offset in `text`, (0, 0) when there is none."""
+    if not isinstance(offset, int) or not 0 <= offset <= len(text):
+        return (0, 0)
+    return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
 def _too_large(size: int) -> Problem:
@@ -139,11 +154,12 @@ def _check_flow_depth(text: str) -> None:
     """Refuse [[[[… before the YAML parser spends seconds on it (brackets in strings count
     too; no real ruleset comes near the bound)."""
     depth = 0
-    for char in text:
+    for offset, char in enumerate(text):
         if char in "[{":
             depth += 1
             if depth > 2 * MAX_DEPTH:
-                raise SourceError(Problem("source.too_deep", "", f"nesting deeper than {MAX_DEPTH}"))
+                line, column = _line_column(text, offset)
+                raise SourceError(Problem("source.too_deep", "", f"nesting deeper than {MAX_DEPTH}", line=line, column=column))
         elif char in "]}":
             depth -= 1
 
@@ -157,6 +173,14 @@ class _Walker:
     def _fail(self, code: str, path: str, message: str, node: Node) -> SourceError:
         mark = node.start_mark
         return SourceError(Problem(code, path, message, line=mark.line + 1, column=mark.column + 1))
+
+    def _text(self, node: Node, path: str) -> str:
+        text = str(node.value)
+        bad = _NOT_TEXT.search(text)
+        if bad:
+            code = f"U+{ord(bad.group()):04X}"
+            raise self._fail("source.character", path, f"the character {code} (written as an escape) is not allowed in a ruleset", node)
+        return text
 
     def walk(self, node: Node, path: str, depth: int) -> Value:
         self.nodes += 1
@@ -172,7 +196,7 @@ class _Walker:
                 return None
             if node.tag == _TAG + "bool" and not node.style:
                 return str(node.value).lower() == "true"
-            return str(node.value)
+            return self._text(node, path)
         if isinstance(node, SequenceNode):
             if node.tag != _TAG + "seq":
                 raise self._fail("source.tag_not_allowed", path, f"tag {node.tag!r} is not allowed", node)
@@ -185,7 +209,7 @@ class _Walker:
                 self.nodes += 1
                 if not isinstance(key_node, ScalarNode) or key_node.tag not in _SCALAR_TAGS:
                     raise self._fail("source.bad_key", path, "mapping keys must be plain text", key_node)
-                key = str(key_node.value)
+                key = self._text(key_node, path)
                 if key in result:
                     raise self._fail("source.duplicate_key", child_path(path, key), f"key {key!r} appears twice", key_node)
                 self.key_positions.setdefault(child_path(path, key), (key_node.start_mark.line + 1, key_node.start_mark.column + 1))

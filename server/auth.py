@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_status import rpc_status
 
-from server.errors import ServiceError, to_status
+from server.errors import ServiceError, Violation, invalid, to_status
 
 log = logging.getLogger("kpisettle.auth")
 
@@ -164,37 +164,86 @@ def _authorise(
     return principal
 
 
+def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    """Parse a request's bytes once the caller is authorised.
+
+    gRPC would parse them before any handler runs and answer bytes that are not the
+    message (corrupt wire format, bad UTF-8 in a string, truncated) with INTERNAL; here
+    they are the caller's mistake: INVALID_ARGUMENT, with a field violation."""
+    short = method.rsplit("/", 1)[-1]
+
+    def parse(raw: bytes, context: grpc.ServicerContext) -> Any:
+        if deserializer is None:
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, or whatever else a parser raises on bytes
+            reason = str(exc).rsplit(": ", 1)[-1][:200]
+            error = invalid(
+                f"the request is not a valid {short} request message",
+                [Violation("request", f"{len(raw)} bytes that do not parse: {reason}", "request.malformed")],
+                "MALFORMED_REQUEST",
+            )
+            context.abort_with_status(rpc_status.to_status(to_status(error)))
+            raise AssertionError("abort_with_status returned") from exc  # pragma: no cover
+
+    return parse
+
+
 def _guarded(handler: Any, allowed: frozenset[str], tokens: TokenBook, method: str, draining: threading.Event) -> Any:
+    """The handler behind authorisation, parsing its request bytes itself (see `_parser`)."""
+    parse = _parser(handler.request_deserializer, method)
+
     def wrap(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+        def run(request: bytes, context: grpc.ServicerContext) -> Any:
             principal = _authorise(context, allowed, tokens, method, draining)
             token = _current.set(principal)
             try:
-                return behaviour(request, context)
+                return behaviour(parse(request, context), context)
             finally:
                 _current.reset(token)
 
         return run
 
     def wrap_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+        def run(request: bytes, context: grpc.ServicerContext) -> Any:
             principal = _authorise(context, allowed, tokens, method, draining)
             token = _current.set(principal)
             try:
-                yield from behaviour(request, context)
+                yield from behaviour(parse(request, context), context)
             finally:
                 _current.reset(token)
 
         return run
 
+    def parsed(requests: Iterable[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        for raw in requests:
+            yield parse(raw, context)
+
+    def wrap_client_stream(behaviour: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
+        def run(requests: Iterable[bytes], context: grpc.ServicerContext) -> Any:
+            principal = _authorise(context, allowed, tokens, method, draining)
+            token = _current.set(principal)
+            try:
+                return behaviour(parsed(requests, context), context)
+            finally:
+                _current.reset(token)
+
+        def run_streaming(requests: Iterable[bytes], context: grpc.ServicerContext) -> Any:
+            principal = _authorise(context, allowed, tokens, method, draining)
+            token = _current.set(principal)
+            try:
+                yield from behaviour(parsed(requests, context), context)
+            finally:
+                _current.reset(token)
+
+        return run_streaming if streaming_response else run
+
+    serialize = handler.response_serializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), None, serialize)
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_stream_rpc_method_handler(wrap_client_stream(handler.stream_stream, True), None, serialize)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), None, serialize)
+    return grpc.stream_unary_rpc_method_handler(wrap_client_stream(handler.stream_unary, False), None, serialize)

@@ -18,6 +18,7 @@ from kpisettle.v1 import ruleset_service_pb2_grpc as rs_grpc
 from engine import CompiledRuleset, Problem, ProblemsError, ValidationReport, compile_ruleset, run_examples, validate_ruleset
 from engine.diff import diff_rulesets
 from engine.money import plain
+from engine.source import MAX_SOURCE_BYTES  # 256 KiB of UTF-8, the engine's limit
 from server import convert
 from server.auth import current_principal
 from server.errors import ServiceError, Violation, invalid, problem_violations, rpc_errors
@@ -25,11 +26,11 @@ from server.paging import decode_token, encode_token, page_size
 from server.storage.interface import Conflict, LifecycleAction, RulesetVersionRecord, Store, VersionStatus
 from server.versions import VersionRegistry
 
-MAX_SOURCE_CHARS = 256 * 1024
 MAX_NOTE_CHARS = 2000
 #: Summaries of stored sources (title, currency, warnings, examples) kept in memory.
 SUMMARY_CACHE_SIZE = 4096
 _TOKEN_RULESET = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,26 @@ def problem_message(problem: Problem) -> pb.RulesetProblem:
 def _source(text: str) -> str:
     if not text.strip():
         raise invalid("source is required", [Violation("source", "the ruleset text is empty")])
-    if len(text) > MAX_SOURCE_CHARS:
+    size = len(text.encode("utf-8"))
+    if size > MAX_SOURCE_BYTES:
         raise ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "RULESET_TOO_LARGE", f"a ruleset may have at most {MAX_SOURCE_CHARS} characters"
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RULESET_TOO_LARGE",
+            f"the ruleset has {size} bytes (UTF-8); at most {MAX_SOURCE_BYTES} (256 KiB) are accepted",
+            metadata={"maxBytes": str(MAX_SOURCE_BYTES), "bytes": str(size)},
         )
     return text
 
 
 def _note(note: str) -> str:
+    """A lifecycle note: free text, but bounded and without control characters (a NUL cannot even
+    be stored in PostgreSQL text; newlines and tabs are fine)."""
     if len(note) > MAX_NOTE_CHARS:
-        raise invalid("note is too long", [Violation("note", f"at most {MAX_NOTE_CHARS} characters")])
+        raise invalid("note is too long", [Violation("note", f"at most {MAX_NOTE_CHARS} characters", "request.too_long")])
+    control = _CONTROL.search(note)
+    if control:
+        described = f"U+{ord(control.group()):04X} at position {control.start()}: no control characters other than newline and tab"
+        raise invalid("note has a control character", [Violation("note", described, "request.control_character")])
     return note
 
 

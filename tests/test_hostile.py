@@ -716,10 +716,35 @@ def test_text_with_a_lone_surrogate_is_refused() -> None:
     assert not report.valid
 
 
-@pytest.mark.parametrize("text", ["a: \x00\n", "a: \x07\n", "a: \x1b[31m\n", "a: \ufffe\n"])
+@pytest.mark.parametrize("text", ["a: \x00\n", "a: \x07\n", "a: \x1b[31m\n", "a: \ufffe\n", "ruleset: x\ntitle: y\x07\n"])
 def test_control_characters_are_refused(text: str) -> None:
     report = clean_report(text)
     assert [p.code for p in report.problems] == ["source.syntax"]
+    bad = next(i for i, c in enumerate(text) if c in "\x00\x07\x1b\ufffe")
+    assert (report.problems[0].line, report.problems[0].column) == at(text, text[bad])  # where the character is
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "needle"),
+    [
+        ('"\\uD800"', "", '"\\u'),  # a JSON document that is one lone surrogate
+        ('{"ruleset": "x", "title": "a\\udfffb"}', "title", '"a'),
+        ('ruleset: x\ntitle: "bell \\x07"\n', "title", '"bell'),
+        ('ruleset: x\ntitle: "nul \\0"\n', "title", '"nul'),
+        ('ruleset: x\nmetrics:\n  "a\\uD83D": {type: number}\n', "metrics", '"a'),  # in a key
+        ('ruleset: x\ntitle: "\\uFFFE"\n', "title", '"\\uFFFE'),
+    ],
+)
+def test_characters_written_as_escapes_are_refused_like_raw_ones(text: str, path: str, needle: str) -> None:
+    """An escape in a quoted scalar yields what the reader refuses as raw text (a lone surrogate
+    cannot even be encoded to be hashed or stored): refused, with its place."""
+    problem = refused(text, "source.character", path)
+    assert (problem.line, problem.column) == at(text, needle)
+
+
+def test_escaped_tabs_newlines_and_non_bmp_characters_are_text() -> None:
+    report = clean_report('ruleset: x\ntitle: "a\\tb\\nc \\U0001F600 \\u00e9"\n')
+    assert "source.character" not in [p.code for p in report.problems]
 
 
 @pytest.mark.parametrize(
