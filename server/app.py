@@ -145,6 +145,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
 
 
+class CannotListen(Exception):
+    """The listen address is taken by another process, or cannot be bound at all."""
+
+
 class Service:
     """A running server and what it owns."""
 
@@ -175,7 +179,10 @@ class Service:
         ruleset_service_pb2_grpc.add_RulesetServiceServicer_to_server(RulesetService(self.store, self.registry), self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self._bind()
+        try:
+            self.port = self._bind()
+        except RuntimeError as error:  # gRPC's "Failed to bind to address …"
+            raise CannotListen(f"cannot listen on {config.listen}: {error}") from error
 
     def _bind(self) -> int:
         config = self.config
@@ -236,7 +243,11 @@ def serve(config: Config, on_ready: Callable[[int], None], stop: threading.Event
     # Handlers first: a SIGTERM that arrives while starting still drains and exits 0.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    service = Service(config)
+    try:
+        service = Service(config)
+    except CannotListen as error:
+        log.error("%s", error)
+        return 1
     service.start()
     on_ready(service.port)
     # Wait with a timeout: a signal that lands on one of gRPC's threads only sets a flag,
