@@ -324,15 +324,28 @@ def test_another_tenants_data_is_not_found(running: Running) -> None:
             "other-compliance",
         ),
     ]
+    covered = set()  # every RPC is tried by the other tenant below
     for rpc, request, who in not_found:
         expect(grpc.StatusCode.NOT_FOUND, lambda rpc=rpc, request=request, who=who: client.call(rpc, request, who))
-    # Tenant B has no approved ruleset: A's version does not settle or simulate for B.
+        covered.add(rpc)
+    # Tenant B has no approved ruleset: A's version does not settle or simulate for B, not even
+    # with A's request_id (which would return A's decision if ids were shared).
     for rpc, request in (
         ("Settle", ss.SettleRequest(request_id="shared-request-id", input=us_input())),
         ("Simulate", ss.SimulateRequest(input=us_input())),
     ):
         error = call_error(client, rpc, request, running.callers["other-erp"].metadata)
         assert code(error) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION), (rpc, code(error))
+        covered.add(rpc)
+    batch = ss.SettleBatchRequest(items=[ss.SettleBatchItem(request_id="shared-request-id", input=us_input())])
+    (answer,) = client.settlements.SettleBatch(iter([batch]), metadata=running.callers["other-erp"].metadata, timeout=30)
+    (result,) = answer.results
+    assert result.WhichOneof("result") == "error" and result.error.code == grpc.StatusCode.NOT_FOUND.value[0], result
+    covered.add("SettleBatch")
+    # Validating reads nothing stored: B's report of the same text is A's, naming nothing of A's.
+    report_a = client.call("ValidateRuleset", rs.ValidateRulesetRequest(source=US_SOURCE), "admin")
+    assert client.call("ValidateRuleset", rs.ValidateRulesetRequest(source=US_SOURCE), "other-admin") == report_a
+    covered.add("ValidateRuleset")
     for who in ("other-erp", "other-billing"):
         assert list(client.call("ListSettlements", ss.ListSettlementsRequest(), who).settlements) == []
         assert list(client.call("ListSettlements", ss.ListSettlementsRequest(contract_id="C-1"), who).settlements) == []
@@ -343,10 +356,13 @@ def test_another_tenants_data_is_not_found(running: Running) -> None:
         )
     verified_b = client.call("VerifyAuditLog", ss.VerifyAuditLogRequest(), "other-compliance")
     assert verified_b.ok and verified_b.records_checked == 0
+    covered |= {"ListSettlements", "ListRulesetVersions", "VerifyAuditLog"}
 
     # B's own ruleset and the same request_id: B's own numbering and a new settlement, not A's.
     own = client.create_and_approve(US_SOURCE, author="other-admin", approver="other-compliance")
     assert own.name == f"{US}/versions/1"
+    covered.add("CreateRulesetVersion")
+    assert covered == set(EXPECTED_ROLES), set(EXPECTED_ROLES) - covered
     settled_b = client.settle("shared-request-id", us_input(), as_="other-erp")
     assert not settled_b.deduplicated and settled_b.settlement.name != settlement
     assert [s.name for s in client.call("ListSettlements", ss.ListSettlementsRequest(), "other-billing").settlements] == [
@@ -649,6 +665,179 @@ def test_messages_over_4_mib_are_refused_and_the_server_lives(world: World) -> N
     assert code(call_error(client, "SettleBatch", batch, world.metadata("erp"))) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_healthy(client)
     assert world.call("ListSettlements", "erp") is None
+
+
+# --------------------------------------------------------------------------- bounded inputs, clear refusals
+
+
+def rich(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, list[error_details_pb2.BadRequest.FieldViolation]]:
+    """The ErrorInfo and the field violations of a failed call."""
+    status = rpc_status.from_call(error)
+    assert status is not None, error
+    info, violations = None, []
+    for detail in status.details:
+        found, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(found):
+            info = found
+        elif detail.Unpack(bad):
+            violations.extend(bad.field_violations)
+    assert info is not None, error
+    return info, violations
+
+
+def trailer_bytes(error: grpc.RpcError) -> int:
+    """What the status costs in the call's trailers (the limit clients enforce is 8 KiB)."""
+    return sum(len(key) + len(value) for key, value in error.trailing_metadata() or ()) + len((error.details() or "").encode())
+
+
+def test_a_ruleset_over_256_kib_of_utf8_is_resource_exhausted_and_at_the_limit_is_read(world: World) -> None:
+    client = world.client
+    limit = 256 * 1024
+    at_limit = US_SOURCE + "#" + "x" * (limit - len(US_SOURCE.encode()) - 2) + "\n"
+    assert len(at_limit.encode()) == limit
+    report = client.call("ValidateRuleset", rs.ValidateRulesetRequest(source=at_limit), "admin")
+    assert report.valid and report.examples_pass  # a comment is no problem at all
+    # one byte more, and text whose characters are fewer than 256 Ki but whose UTF-8 is more
+    for source in (at_limit + "#", US_SOURCE + "#" + "中" * 90_000 + "\n"):
+        assert len(source) < 300_000 and len(source.encode()) > limit
+        for rpc, request in (
+            ("ValidateRuleset", rs.ValidateRulesetRequest(source=source)),
+            ("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=source)),
+        ):
+            error = expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda rpc=rpc, request=request: client.call(rpc, request, "admin"))
+            info, _ = rich(error)
+            assert info.reason == "RULESET_TOO_LARGE" and info.metadata["maxBytes"] == str(limit)
+            assert info.metadata["bytes"] == str(len(source.encode()))
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "path"),
+    [
+        ("ruleset: x\nmetrics:\n" + "".join(f"  m{i}: [{', '.join(['1'] * 9)}]\n" for i in range(2100)), "source.too_many_nodes", None),
+        ("ruleset: x\ntitle: " + "[" * 70 + "]" * 70 + "\n", "source.too_deep", ""),  # refused before parsing
+        ("ruleset: x\ntitle:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(40)) + "  " * 41 + "v\n", "source.too_deep", None),
+        (
+            "a: &a [x, x, x, x, x, x, x, x]\n"
+            + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdef", "bcdefg", strict=True)),
+            "source.too_many_nodes",
+            None,
+        ),
+    ],
+    ids=["nodes", "flow-depth", "block-depth", "alias-bomb"],
+)
+def test_a_ruleset_with_too_many_nodes_or_too_deep_is_refused_with_its_code_and_place(
+    world: World, text: str, code: str, path: str | None
+) -> None:
+    client = world.client
+    report = client.call("ValidateRuleset", rs.ValidateRulesetRequest(source=text), "admin")
+    assert not report.valid and [p.code for p in report.problems] == [code]
+    problem = report.problems[0]
+    assert problem.line >= 1 and problem.column >= 1 and problem.line <= text.count("\n") + 1, problem
+    if path is not None:
+        assert problem.path == path
+    error = expect(
+        grpc.StatusCode.INVALID_ARGUMENT, lambda: client.call("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=text), "admin")
+    )
+    info, violations = rich(error)
+    assert info.reason == "RULESET_INVALID" and [v.reason for v in violations] == [code]
+    assert violations[0].description.startswith(f"{problem.line}:{problem.column}: {code}: ")
+
+
+def test_an_error_listing_thousands_of_problems_stays_small_enough_for_any_client(world: World) -> None:
+    """Every problem at once, as far as a status can carry them: the rest are counted, never a broken call."""
+    client = world.client
+    many_params = us_input()
+    for i in range(499):
+        many_params.params[f"unknown_parameter_{i:03}"] = "1"
+    many_errors = "ruleset: x\n" + "".join(f"unknown_key_{i}: 1\n" for i in range(3000))
+    one_huge_value = "A" * 200_000  # once echoed whole in the message, and the client refused the trailers
+    cases: list[tuple[str, Any, str, str]] = [
+        ("Settle", ss.SettleRequest(request_id="many-problems", input=many_params), "erp", "INPUT_INVALID"),
+        ("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=many_errors), "admin", "RULESET_INVALID"),
+        ("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=one_huge_value), "admin", "RULESET_INVALID"),
+    ]
+    report = client.call("ValidateRuleset", rs.ValidateRulesetRequest(source=many_errors), "admin")
+    errors = [p for p in report.problems if p.severity == "ERROR"]
+    assert [p.code for p in errors].count("key.unknown") == 3000  # the report lists every one
+    for rpc, request, who, expected_reason in cases:
+        error = expect(grpc.StatusCode.INVALID_ARGUMENT, lambda rpc=rpc, request=request, who=who: client.call(rpc, request, who))
+        info, violations = rich(error)
+        assert info.reason == expected_reason
+        assert trailer_bytes(error) < 8 * 1024, (rpc, trailer_bytes(error))
+        assert all(len(v.description.encode()) <= 400 for v in violations)
+        if "violationsOmitted" in info.metadata:
+            omitted = int(info.metadata["violationsOmitted"])
+            assert violations[-1].reason == "request.more_problems" and f"and {omitted} more problems" in violations[-1].description
+            # all counted: 499 unknown params and "too many entries"; every error of the report
+            assert len(violations) - 1 + omitted == {"Settle": 500, "CreateRulesetVersion": len(errors)}[rpc], (
+                rpc,
+                len(violations),
+                omitted,
+            )
+    assert_healthy(client)
+
+
+def test_request_bytes_that_are_not_the_message_are_invalid_argument_after_authentication(world: World) -> None:
+    """gRPC would parse before any check and answer INTERNAL; the server answers for the caller's bytes."""
+    channel = world.client.channel
+    settle = channel.unary_unary(SERVICE_METHODS["Settle"])
+    batch = channel.stream_stream(SERVICE_METHODS["SettleBatch"])
+    valid = ss.SettleRequest(request_id="bytes", input=us_input()).SerializeToString()
+    for payload, what in (
+        (b"\xff\xff\xff", "wire format"),
+        (b"\x0a\x02\xc3\x28", "a string that is not UTF-8"),
+        (valid[: len(valid) // 2], "truncated"),
+        (valid + b"\x0b", "a group never closed"),
+    ):
+        error = expect(
+            grpc.StatusCode.INVALID_ARGUMENT, lambda payload=payload: settle(payload, metadata=world.metadata("erp"), timeout=10)
+        )
+        info, violations = rich(error)
+        assert info.reason == "MALFORMED_REQUEST" and [(v.field, v.reason) for v in violations] == [("request", "request.malformed")], what
+        # no token: refused before the bytes are even looked at
+        error = expect(grpc.StatusCode.UNAUTHENTICATED, lambda payload=payload: settle(payload, timeout=10))
+        assert rich(error)[0].reason == "UNAUTHENTICATED"
+    good = ss.SettleBatchRequest(items=[ss.SettleBatchItem(request_id="", input=us_input())]).SerializeToString()
+    answers: list[bytes] = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for answer in batch(iter([good, b"\xff\xff"]), metadata=world.metadata("erp"), timeout=10):
+            answers.append(answer)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and rich(caught.value)[0].reason == "MALFORMED_REQUEST"
+    assert len(answers) == 1 and len(ss.SettleBatchResponse.FromString(answers[0]).results) == 1  # the message before was answered
+    # unknown fields are not an error: a newer client's request is read as far as it is known
+    newer = ss.VerifyAuditLogRequest().SerializeToString() + b"\xa2\x06\x03abc"  # field 100, text
+    assert ss.VerifyAuditLogResponse.FromString(
+        channel.unary_unary(SERVICE_METHODS["VerifyAuditLog"])(newer, metadata=world.metadata("compliance"), timeout=10)
+    ).ok
+    assert_healthy(world.client)
+
+
+def test_values_the_database_cannot_hold_are_client_errors(running: Running) -> None:
+    """A NUL cannot be stored in PostgreSQL text: a note with one is refused before the store; a list
+    filter with one finds nothing on SQLite and is INVALID_ARGUMENT on PostgreSQL — never INTERNAL."""
+    client = running.client
+    draft = client.call("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=US_SOURCE), "admin").ruleset_version.name
+    for rpc, request in (
+        ("ApproveRulesetVersion", rs.ApproveRulesetVersionRequest(name=draft, note="ok\x00")),
+        ("RetireRulesetVersion", rs.RetireRulesetVersionRequest(name=draft, note="\x1b[31m")),
+    ):
+        error = expect(grpc.StatusCode.INVALID_ARGUMENT, lambda rpc=rpc, request=request: client.call(rpc, request, "compliance"))
+        assert [(v.field, v.reason) for v in rich(error)[1]] == [("note", "request.control_character")]
+    assert (
+        client.call("GetRulesetVersion", rs.GetRulesetVersionRequest(name=draft), "compliance").ruleset_version.state == 1
+    )  # still a draft
+    postgres = running.database_url.startswith("postgresql")
+    for request in (
+        ss.ListSettlementsRequest(contract_id="C\x001"),
+        ss.ListSettlementsRequest(seller_id="\x00"),
+        ss.ListSettlementsRequest(market="U\x00S"),
+    ):
+        error = call_error(client, "ListSettlements", request, running.callers["billing"].metadata)
+        if postgres:
+            assert code(error) == grpc.StatusCode.INVALID_ARGUMENT and error is not None and rich(error)[0].reason == "VALUE_NOT_STORABLE"
+        else:
+            assert error is None
+    assert_healthy(client)
 
 
 # --------------------------------------------------------------------------- SIGTERM
