@@ -2,13 +2,15 @@
 
 Knobs (environment variables):
 
-- ``BENCH_SECONDS`` — seconds per engine and peer case (default 3; the service cases take
-  ``BENCH_SERVICE_SECONDS``, default 5);
+- ``BENCH_SECONDS`` — seconds per engine case and per peer engine (default 3);
+- ``BENCH_SERVICE_SECONDS`` — seconds per service case (default 5; the open loop runs twice as long);
 - ``BENCH_QUICK=1`` — a smoke run: short cases, few inputs, 20k memory settlements;
 - ``BENCH_ONLY=engine,peer,service,memory`` — the sections to run (default: all);
 - ``BENCH_DATABASES=sqlite,postgresql`` — the stores of the service section;
 - ``BENCH_POSTGRES_URL`` — the PostgreSQL server (a fresh database is created there and
   dropped afterwards; default ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``);
+- ``BENCH_CLIENT_PROCESSES`` — load-generating processes of the service section (default 2);
+- ``BENCH_PEER_INPUTS`` — generated inputs of the peer section (default 500, plus the 5 examples);
 - ``BENCH_MEMORY_SETTLEMENTS`` — the last memory checkpoint (default 1,000,000);
 - ``BENCH_RESULTS`` — where the JSON goes (default benchmarks/results.json, git-ignored).
 """
@@ -144,7 +146,9 @@ class Row:
 def figure(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
-    if unit in ("×", "MB"):
+    if unit == "×":
+        return f"{value:,.2f}"
+    if unit == "MB":
         return f"{value:,.1f}"
     if unit == "ms":
         return f"{value:,.2f}"
@@ -157,7 +161,7 @@ def render(rows: Sequence[Row], about: dict[str, Any], settings: Settings) -> No
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(180, Console().width), highlight=False)
+    console = Console(width=max(200, Console().width), highlight=False)
     console.print(
         f"[bold]kpisettle make bench[/bold] — {about['cores']} cores, {about['cpu']}, {about['python']}, "
         f"{about['platform']}; load average at start {', '.join(map(str, about['load_average_at_start']))}"

@@ -362,8 +362,35 @@ def _proto_input(item: Input) -> Any:
     return message
 
 
-def run_load(target: str, token: str, loads: Sequence[Load], seconds: float, inputs: list[Input]) -> list[Outcome]:
-    """Run one load per client process over the same window; their outcomes."""
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its descendants (the workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text(encoding="utf-8")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+def run_load(
+    target: str, token: str, loads: Sequence[Load], seconds: float, inputs: list[Input], server_pid: int | None = None
+) -> tuple[list[Outcome], float | None]:
+    """Run one load per client process over the same window: their outcomes, and the
+    server's CPU seconds in the window (None without `server_pid`)."""
     context = multiprocessing.get_context("spawn")
     run_id = secrets.token_hex(4)
     pipes, processes = [], []
@@ -380,7 +407,13 @@ def run_load(target: str, token: str, loads: Sequence[Load], seconds: float, inp
         for pipe in pipes:
             pipe.send(start)
             pipe.send(seconds)
-        return [_expect(pipe, "done", seconds + 180) for pipe in pipes]
+        cpu = None
+        if server_pid is not None:
+            time.sleep(max(0.0, start - time.time()))
+            before = process_tree_cpu(server_pid)
+            time.sleep(max(0.0, start + seconds - time.time()))
+            cpu = process_tree_cpu(server_pid) - before
+        return [_expect(pipe, "done", seconds + 180) for pipe in pipes], cpu
     finally:
         for process in processes:
             process.join(10)
@@ -435,14 +468,22 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts) if total // parts + (1 if i < total % parts else 0)]
 
 
-def measure_server(section: str, target: str, tokens: Tokens, settings: Settings, workers: int, inputs: list[Input]) -> list[Row]:
+def _cpu_note(cpu: float | None, count: int, what: str = "req") -> str:
+    if cpu is None or not count:
+        return ""
+    return f"server CPU {1000 * cpu / count:.2f} ms/{what}"
+
+
+def measure_server(section: str, server: ServerProcess, tokens: Tokens, settings: Settings, workers: int, inputs: list[Input]) -> list[Row]:
     rows: list[Row] = []
+    target, pid = server.target, server.process.pid
     seconds = settings.service_seconds
     prefix = f"--workers {workers}: " if workers > 1 else ""
     callers_list = SETTLE_CALLERS if workers == 1 else (8, 32)
     for callers in callers_list:
         loads = [Load("closed", callers=n) for n in _split(callers, CLIENT_PROCESSES)]
-        merged = _merge(run_load(target, tokens.erp, loads, seconds, inputs))
+        outcomes, cpu = run_load(target, tokens.erp, loads, seconds, inputs, pid)
+        merged = _merge(outcomes)
         throughput = merged.ok / seconds
         meets_workers = workers > 1 and callers == 32
         rows.append(
@@ -455,14 +496,15 @@ def measure_server(section: str, target: str, tokens: Tokens, settings: Settings
                 percentile(merged.latencies, 99),
                 target=f"≥ {WORKERS_TARGET:,}" if meets_workers else "",
                 met=throughput >= WORKERS_TARGET if meets_workers else None,
-                note=_errors_note(merged) or f"{len(loads)} client process{'es' if len(loads) > 1 else ''}",
-                extra={"calls": merged.ok, "seconds": seconds},
+                note=_errors_note(merged) or _cpu_note(cpu, merged.ok),
+                extra={"calls": merged.ok, "seconds": seconds, "client_processes": len(loads), "server_cpu_seconds": cpu},
             )
         )
     processes = CLIENT_PROCESSES
     loads = [Load("open", rate=OPEN_LOOP_RATE / processes, phase=i / OPEN_LOOP_RATE) for i in range(processes)]
     open_seconds = 2 * seconds
-    merged = _merge(run_load(target, tokens.erp, loads, open_seconds, inputs))
+    outcomes, cpu = run_load(target, tokens.erp, loads, open_seconds, inputs, pid)
+    merged = _merge(outcomes)
     p99 = percentile(merged.latencies, 99)
     rows.append(
         Row(
@@ -474,23 +516,25 @@ def measure_server(section: str, target: str, tokens: Tokens, settings: Settings
             p99,
             target=f"p99 ≤ {P99_TARGET_MS:.0f} ms",
             met=p99 is not None and p99 <= P99_TARGET_MS and not merged.errors,
-            note=_errors_note(merged) or f"{merged.sent} sent on schedule; latency from the scheduled time",
-            extra={"calls": merged.ok, "sent": merged.sent, "seconds": open_seconds},
+            note=_errors_note(merged) or _cpu_note(cpu, merged.ok),
+            extra={"calls": merged.ok, "sent": merged.sent, "seconds": open_seconds, "server_cpu_seconds": cpu},
         )
     )
-    loads = [Load("batch") for _ in range(processes)]
-    merged = _merge(run_load(target, tokens.erp, loads, seconds, inputs))
+    items = 50 if settings.quick else BATCH_ITEMS  # a smoke run's window is too short for 500
+    loads = [Load("batch", items=items) for _ in range(processes)]
+    outcomes, cpu = run_load(target, tokens.erp, loads, seconds, inputs, pid)
+    merged = _merge(outcomes)
     stored = merged.ok / seconds
     rows.append(
         Row(
             section,
-            f"{prefix}SettleBatch, {processes} streams × {BATCH_ITEMS} items/message",
+            f"{prefix}SettleBatch, {processes} streams × {items} items/message",
             stored,
             "stored/s",
             target=f"≥ {BATCH_TARGET:,}",
             met=stored >= BATCH_TARGET and not merged.errors,
-            note=_errors_note(merged) or f"≤ {BATCH_IN_FLIGHT_MESSAGES} messages unanswered per stream",
-            extra={"stored": merged.ok, "seconds": seconds},
+            note=_errors_note(merged) or _cpu_note(cpu, merged.ok, "item"),
+            extra={"stored": merged.ok, "seconds": seconds, "server_cpu_seconds": cpu},
         )
     )
     return rows
@@ -514,7 +558,7 @@ def run(settings: Settings) -> list[Row]:
                         server = ServerProcess(url, tokens, workers)
                         try:
                             load_us_ruleset(server.target, tokens)
-                            rows += measure_server(section, server.target, tokens, settings, workers, inputs)
+                            rows += measure_server(section, server, tokens, settings, workers, inputs)
                         finally:
                             server.stop()
                 except Unavailable as reason:

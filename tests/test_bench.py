@@ -130,3 +130,29 @@ def test_make_bench_quick_writes_one_table_and_the_json(tmp_path: Path) -> None:
     assert all(row["value"] > 0 for row in rows if row["section"] in ("engine", "memory") or row["unit"].endswith("/s"))
     for text in ("kpisettle make bench", "engine", "peer", "memory", "zen-engine", "durable.lang"):
         assert text in done.stdout
+
+
+@pytest.mark.long
+def test_make_bench_quick_service_section_on_sqlite(tmp_path: Path) -> None:
+    """The service section end to end (server child process, spawned load generators), briefly."""
+    results = tmp_path / "results.json"
+    env = {
+        **os.environ,
+        "BENCH_QUICK": "1",
+        "BENCH_ONLY": "service",
+        "BENCH_DATABASES": "sqlite",
+        "BENCH_SERVICE_SECONDS": "0.5",
+        "BENCH_RESULTS": str(results),
+    }
+    done = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(results.read_text(encoding="utf-8"))["rows"]
+    assert not [row for row in rows if row["case"] in ("FAILED", "skipped")], rows
+    closed = [row for row in rows if "closed loop" in row["case"] and not row["case"].startswith("--workers")]
+    assert [row["case"] for row in closed] == [
+        "Settle, 1 caller (closed loop)",
+        "Settle, 8 callers (closed loop)",
+        "Settle, 32 callers (closed loop)",
+    ]
+    assert all(row["value"] > 0 and row["p50_ms"] <= row["p99_ms"] for row in closed)
+    assert any(row["case"].startswith("SettleBatch") and row["extra"]["stored"] > 0 for row in rows)
