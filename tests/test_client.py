@@ -31,6 +31,7 @@ from clients.kpisettle_client import (
     Money,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     RulesetState,
     SettlementInput,
     Unauthenticated,
@@ -518,3 +519,14 @@ def test_tls_and_mutual_tls_options(tmp_path: Path, pki: Pki) -> None:
             assert client.verify_audit_log().ok
         with pytest.raises(ValueError, match="private key came first"):
             KpisettleClient(target, "t", root_certificates=pki.ca, client_certificate=(pki.client_key, pki.client_cert))
+
+
+def test_channel_options_reach_the_channel(running: Running) -> None:
+    """The caller's `options` win over the client's own: a tiny receive limit makes a read fail locally."""
+    running.client.load_shipped_rulesets()
+    with connect(running, "erp") as client:
+        stored = client.settle(us())
+    with connect(running, "erp", options=[("grpc.max_receive_message_length", 64)], retries=0) as tiny, pytest.raises(ResourceExhausted):
+        tiny.get_settlement(stored.name)
+    with connect(running, "erp", options=[("grpc.lb_policy_name", "round_robin")]) as spread:
+        assert spread.get_settlement(stored.name).total == stored.total

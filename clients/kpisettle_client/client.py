@@ -60,7 +60,9 @@ class KpisettleClient:
     forces plaintext. `client_certificate` is (certificate_chain_pem, private_key_pem) for
     mutual TLS. `timeout` is the deadline of each attempt of a unary call, in seconds;
     `retries` bounds the retries of a call (see `kpisettle_client.retry` for which calls are
-    retried). `interceptors` are gRPC client interceptors applied to the channel.
+    retried). `interceptors` are gRPC client interceptors applied to the channel; `options`
+    are gRPC channel options, e.g. `("grpc.lb_policy_name", "round_robin")` with a `dns:///`
+    target to spread calls over several servers (docs/deployment.md).
 
     Use it as a context manager, or call `close()`. It is safe to share between threads.
     """
@@ -76,6 +78,7 @@ class KpisettleClient:
         timeout: float = 30.0,
         retries: int = 3,
         interceptors: Sequence[Interceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if not token:
             raise ValueError("a bearer token is required")
@@ -86,7 +89,9 @@ class KpisettleClient:
         self.retry_policy = RetryPolicy(retries=retries)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.tls = use_tls(target, tls, root_certificates, client_certificate)
-        self._channel = open_channel(target, tls=self.tls, root_certificates=root_certificates, client_certificate=client_certificate)
+        self._channel = open_channel(
+            target, tls=self.tls, root_certificates=root_certificates, client_certificate=client_certificate, options=options
+        )
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._rpc = Methods(channel)
 

@@ -62,7 +62,8 @@ def open_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
     """A channel to `target`. `client_certificate` is (certificate_chain_pem, private_key_pem)."""
-    channel_options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), *options]
+    # gRPC keeps the first of repeated keys: the caller's options come first so that they win
+    channel_options = [*options, ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
     if not tls:
         return grpc.insecure_channel(target, options=channel_options)
     chain: bytes | None = None
