@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -25,7 +25,7 @@ from server import convert
 from server.auth import Principal, current_principal
 from server.errors import ServiceError, Violation, invalid, rpc_errors, to_status
 from server.paging import decode_token, encode_token, page_size
-from server.storage.interface import Conflict, NewSettlement, NotFound, SettlementFilter, SettlementRecord, Store, StoreError
+from server.storage.interface import Append, Conflict, NewSettlement, NotFound, SettlementFilter, SettlementRecord, Store, StoreError
 from server.versions import Chosen, VersionRegistry
 
 log = logging.getLogger("kpisettle.settle")
@@ -35,6 +35,9 @@ MAX_BATCH_ITEMS_PER_MESSAGE = 1000
 MAX_RESPONSE_BYTES = 1024 * 1024  # well under the 4 MiB message limit
 MAX_SETTLEMENTS_PAGE = 200  # full settlements: a page stays under the 4 MiB message limit
 MAX_REVISION_RETRIES = 8
+#: SettleBatch stores the new settlements of this many items per transaction: one commit
+#: (the fsync) for all of them, and the tenant's write lock held for well under a second.
+MAX_ITEMS_PER_TRANSACTION = 250
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,57 @@ class Settled:
         return convert.settlement_message(self.decision, data.decision_json, self.record, self.deltas, data.request_json)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A settle request that passed its shape checks, with the payload its fingerprint is of."""
+
+    request_id: str
+    message: pb.SettlementInput
+    expected_revision: int | None
+    checked: convert.CheckedInput
+    payload: bytes
+    fingerprint: str
+
+
+class _Draft:
+    """A decision on its way to the store, and the deltas it is stored with."""
+
+    def __init__(self, principal: Principal, request: _Request, chosen: Chosen, decision_object: Decision) -> None:
+        self.request = request
+        self.decision = decision_object.to_dict()
+        self.deltas: list[dict[str, str]] = []
+        message = request.message
+        self.new = NewSettlement(
+            tenant=principal.tenant,
+            request_id=request.request_id,
+            request_fingerprint=request.fingerprint,
+            contract_id=message.contract_id,
+            seller_id=message.seller_id,
+            market=message.market,
+            period_start=datetime.date.fromisoformat(decision_object.period_start),
+            period_end=datetime.date.fromisoformat(decision_object.period_end),
+            ruleset_id=chosen.record.ruleset_id,
+            ruleset_version=chosen.record.version,
+            content_hash=chosen.record.content_hash,
+            engine_version=decision_object.engine_version,
+            currency=decision_object.currency,
+            total=self.decision["total"],
+            request_json=request.payload,
+            decision_json=canonical_json(self.decision),
+            deltas_json=canonical_json(self.deltas),  # a first revision's; `rebase` gives a correction's
+            principal=principal.name,
+            expected_revision=request.expected_revision,
+        )
+
+    def rebase(self, latest: SettlementRecord | None) -> bytes:
+        """The deltas against `latest`, as stored (the store calls this under the write lock)."""
+        self.deltas = convert.line_deltas(convert.load_json(latest.data.decision_json) if latest else None, self.decision)
+        return canonical_json(self.deltas)
+
+    def settled(self, record: SettlementRecord) -> Settled:
+        return Settled(record, self.decision, self.deltas, False)
+
+
 class Settler:
     """The settle path shared by Settle, SettleBatch and Simulate (SPEC §7 idempotency and corrections)."""
 
@@ -63,73 +117,149 @@ class Settler:
 
     def settle(self, principal: Principal, request_id: str, message: pb.SettlementInput, expected_revision: int | None) -> Settled:
         tenant = principal.tenant
+        request = self._checked(tenant, request_id, message, expected_revision)
+        # Idempotency first (AIP-155): a retry gets the stored decision even if the version
+        # in effect has changed since; nothing is computed or written for it.
+        existing = self._store.settlement_by_request(tenant, request_id)
+        if existing is not None:
+            return self._replayed(existing, request.fingerprint)
+        draft = self._draft(principal, request, None)
+        for _ in range(MAX_REVISION_RETRIES):
+            try:
+                # No revision read beforehand: the new one goes on top of whatever is latest
+                # under the write lock (rebase), so concurrent corrections of one contract
+                # period queue there instead of failing and retrying.
+                record = self._store.append_settlement(draft.new, None, draft.rebase)
+            except Conflict as conflict:
+                if conflict.reason == "REVISION_TAKEN":  # only when a unique constraint caught what the checks did not
+                    continue  # recompute the deltas against the latest revision (the store rechecks expected_revision)
+                return self._refused(tenant, draft, conflict)
+            return draft.settled(record)
+        raise ServiceError(grpc.StatusCode.ABORTED, "CONTENTION", "too many concurrent corrections of this contract period; retry")
+
+    def settle_many(
+        self, principal: Principal, items: Sequence[ss.SettleBatchItem], active: Callable[[], bool]
+    ) -> Iterator[Settled | Exception]:
+        """The items of one SettleBatch message, answered in order exactly as `settle` would
+        answer them one after another, but with the new settlements of up to
+        MAX_ITEMS_PER_TRANSACTION items stored in one transaction (one commit, one lock).
+        A run of items is cut where a request id comes again, so that a repeat is looked
+        up after its first occurrence is stored. Stops (ends the iterator) when `active()`
+        turns false: the caller went away or the deadline passed."""
+        run: list[tuple[ss.SettleBatchItem, int | None]] = []
+        seen: set[str] = set()
+        for item in items:
+            if item.request_id in seen:
+                if not (yield from self._settle_run(principal, run, active)):
+                    return
+                run, seen = [], set()
+            run.append((item, item.expected_revision if item.HasField("expected_revision") else None))
+            seen.add(item.request_id)
+        if run:
+            yield from self._settle_run(principal, run, active)
+
+    def _settle_run(
+        self, principal: Principal, run: Sequence[tuple[ss.SettleBatchItem, int | None]], active: Callable[[], bool]
+    ) -> Generator[Settled | Exception, None, bool]:
+        """Items with distinct request ids: checked, looked up at once, decided, stored in
+        groups; their outcomes in order. Returns False if it stopped because `active()` did."""
+        if not active():
+            return False
+        tenant = principal.tenant
+        outcomes: list[Settled | Exception | None] = [None] * len(run)
+        requests: list[tuple[int, _Request]] = []
+        for i, (item, expected) in enumerate(run):
+            try:
+                requests.append((i, self._checked(tenant, item.request_id, item.input, expected)))
+            except Exception as error:  # every item gets an answer
+                outcomes[i] = error
+        try:
+            stored = self._store.settlements_by_requests(tenant, [request.request_id for _, request in requests]) if requests else {}
+        except Exception as error:  # the store is unreachable or the like: each item gets the error
+            for i, _ in requests:
+                outcomes[i] = error
+            requests = []
+        versions: dict[tuple[str, int | None, datetime.date], Chosen] = {}
+        drafts: list[tuple[int, _Draft]] = []
+        for i, request in requests:
+            try:
+                existing = stored.get(request.request_id)
+                if existing is not None:
+                    outcomes[i] = self._replayed(existing, request.fingerprint)
+                else:
+                    drafts.append((i, self._draft(principal, request, versions)))
+            except Exception as error:
+                outcomes[i] = error
+        for start in range(0, len(drafts), MAX_ITEMS_PER_TRANSACTION):
+            if start and not active():
+                break
+            group = drafts[start : start + MAX_ITEMS_PER_TRANSACTION]
+            try:
+                # No revision read beforehand: each goes on top of whatever is latest under the lock.
+                results = self._store.append_settlements([Append(draft.new, None, draft.rebase) for _, draft in group])
+            except StoreError as error:  # the lock was not had, or the like: each item gets the error
+                for i, _ in group:
+                    outcomes[i] = error
+                continue
+            except Exception:  # e.g. a value the database refuses: nothing was stored; one at a time tells which
+                log.info("a group of %d settlements was rolled back; settling them one at a time", len(group))
+                for i, draft in group:
+                    request = draft.request
+                    try:
+                        outcomes[i] = self.settle(principal, request.request_id, request.message, request.expected_revision)
+                    except Exception as error:
+                        outcomes[i] = error
+                continue
+            for (i, draft), result in zip(group, results, strict=True):
+                try:
+                    outcomes[i] = self._refused(tenant, draft, result) if isinstance(result, Conflict) else draft.settled(result)
+                except Exception as error:
+                    outcomes[i] = error
+        for outcome in outcomes:
+            if outcome is None:  # not stored: active() turned false
+                return False
+            yield outcome
+        return True
+
+    def _checked(self, tenant: str, request_id: str, message: pb.SettlementInput, expected_revision: int | None) -> _Request:
+        """The request after its shape checks (INVALID_ARGUMENT lists every problem), with its fingerprint."""
         checked = convert.check_input(message, "input")
         violations = _request_id_violations(request_id) + checked.violations
         if expected_revision is not None and expected_revision < 0:
             violations.append(Violation("expected_revision", f"{expected_revision} is negative", "request.expected_revision"))
         if violations:
             raise self._invalid(tenant, message, checked, violations, allow_draft=False)
-        # Idempotency first (AIP-155): a retry gets the stored decision even if the version
-        # in effect has changed since; nothing is computed or written for it.
         payload = convert.fingerprint_payload(message, expected_revision)
-        fingerprint = hashlib.sha256(payload).hexdigest()
-        existing = self._store.settlement_by_request(tenant, request_id)
-        if existing is not None:
-            return self._replayed(existing, fingerprint)
-        chosen, decision_object = self.compute(tenant, message, checked, allow_draft=False)
-        decision = decision_object.to_dict()
-        decision_json = canonical_json(decision)
-        period_start = datetime.date.fromisoformat(decision_object.period_start)
-        for _ in range(MAX_REVISION_RETRIES):
-            latest = self._store.latest_settlement(tenant, message.contract_id, period_start)
-            previous = convert.load_json(latest.data.decision_json) if latest else None
-            deltas = convert.line_deltas(previous, decision)
-            new = NewSettlement(
-                tenant=tenant,
-                request_id=request_id,
-                request_fingerprint=fingerprint,
-                contract_id=message.contract_id,
-                seller_id=message.seller_id,
-                market=message.market,
-                period_start=period_start,
-                period_end=datetime.date.fromisoformat(decision_object.period_end),
-                ruleset_id=chosen.record.ruleset_id,
-                ruleset_version=chosen.record.version,
-                content_hash=chosen.record.content_hash,
-                engine_version=decision_object.engine_version,
-                currency=decision_object.currency,
-                total=decision["total"],
-                request_json=payload,
-                decision_json=decision_json,
-                deltas_json=canonical_json(deltas),
-                principal=principal.name,
-                expected_revision=expected_revision,
-            )
-            try:
-                record = self._store.append_settlement(new, latest)
-            except Conflict as conflict:
-                if conflict.reason == "DUPLICATE_REQUEST_ID":  # a concurrent duplicate won
-                    winner = self._store.settlement_by_request(tenant, request_id)
-                    if winner is None:
-                        raise
-                    return self._replayed(winner, fingerprint)
-                if conflict.reason == "EXPECTED_REVISION_MISMATCH":
-                    current = self._store.latest_settlement(tenant, message.contract_id, period_start)
-                    latest_revision = current.revision if current else 0
-                    metadata = {"expectedRevision": str(expected_revision), "latestRevision": str(latest_revision)}
-                    if current is not None:
-                        metadata["latestSettlement"] = f"settlements/{current.settlement_id}"
-                    raise ServiceError(
-                        grpc.StatusCode.ABORTED,
-                        "REVISION_MISMATCH",
-                        f"expected revision {expected_revision}, but the latest revision of this contract period is {latest_revision}",
-                        metadata=metadata,
-                    ) from conflict
-                if conflict.reason == "REVISION_TAKEN":
-                    continue  # another correction landed first: recompute the deltas against it (the store rechecks expected_revision)
-                raise
-            return Settled(record, decision, deltas, False)
-        raise ServiceError(grpc.StatusCode.ABORTED, "CONTENTION", "too many concurrent corrections of this contract period; retry")
+        return _Request(request_id, message, expected_revision, checked, payload, hashlib.sha256(payload).hexdigest())
+
+    def _draft(
+        self, principal: Principal, request: _Request, versions: dict[tuple[str, int | None, datetime.date], Chosen] | None
+    ) -> _Draft:
+        chosen, decision = self.compute(principal.tenant, request.message, request.checked, allow_draft=False, versions=versions)
+        return _Draft(principal, request, chosen, decision)
+
+    def _refused(self, tenant: str, draft: _Draft, conflict: Conflict) -> Settled:
+        """What a conflict of the store means for the caller: the winner of a concurrent
+        duplicate (replayed), or ABORTED for a stale expected_revision."""
+        request = draft.request
+        if conflict.reason == "DUPLICATE_REQUEST_ID":  # a concurrent duplicate won
+            winner = self._store.settlement_by_request(tenant, request.request_id)
+            if winner is None:
+                raise conflict
+            return self._replayed(winner, request.fingerprint)
+        if conflict.reason == "EXPECTED_REVISION_MISMATCH":
+            current = self._store.latest_settlement(tenant, request.message.contract_id, draft.new.period_start)
+            latest_revision = current.revision if current else 0
+            metadata = {"expectedRevision": str(request.expected_revision), "latestRevision": str(latest_revision)}
+            if current is not None:
+                metadata["latestSettlement"] = f"settlements/{current.settlement_id}"
+            raise ServiceError(
+                grpc.StatusCode.ABORTED,
+                "REVISION_MISMATCH",
+                f"expected revision {request.expected_revision}, but the latest revision of this contract period is {latest_revision}",
+                metadata=metadata,
+            ) from conflict
+        raise conflict
 
     def simulate(self, tenant: str, message: pb.SettlementInput) -> Decision:
         checked = convert.check_input(message, "input")
@@ -138,11 +268,23 @@ class Settler:
         return self.compute(tenant, message, checked, allow_draft=True)[1]
 
     def compute(
-        self, tenant: str, message: pb.SettlementInput, checked: convert.CheckedInput, allow_draft: bool
+        self,
+        tenant: str,
+        message: pb.SettlementInput,
+        checked: convert.CheckedInput,
+        allow_draft: bool,
+        versions: dict[tuple[str, int | None, datetime.date], Chosen] | None = None,
     ) -> tuple[Chosen, Decision]:
-        """The version in effect (or pinned) and the engine's decision; INVALID_ARGUMENT lists every problem."""
+        """The version in effect (or pinned) and the engine's decision; INVALID_ARGUMENT lists every problem.
+
+        `versions` keeps the versions chosen for the items of one SettleBatch message."""
         assert checked.ruleset is not None and checked.period_start is not None
-        chosen = self.choose(tenant, checked.ruleset, checked.period_start, allow_draft)
+        key = (*checked.ruleset, checked.period_start)
+        chosen = versions.get(key) if versions is not None else None
+        if chosen is None:
+            chosen = self.choose(tenant, checked.ruleset, checked.period_start, allow_draft)
+            if versions is not None:
+                versions[key] = chosen
         violations: list[Violation] = []
         decision = self._run_engine(chosen, message, violations)
         if violations or decision is None:
@@ -267,24 +409,24 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
                 )
                 context.abort_with_status(rpc_status.to_status(to_status(too_many)))
             response, size = ss.SettleBatchResponse(), 0
-            for item in batch.items:
-                if not context.is_active():  # the caller went away or the deadline passed: settle nothing more
-                    return
+            answered = 0
+            # the caller went away or the deadline passed: settle nothing more
+            for item, outcome in zip(batch.items, self._settler.settle_many(principal, batch.items, context.is_active), strict=False):
                 result = ss.SettleBatchResult(request_id=item.request_id, item_index=index)
                 index += 1
-                expected = item.expected_revision if item.HasField("expected_revision") else None
-                try:
-                    settled = self._settler.settle(principal, item.request_id, item.input, expected)
-                except Exception as error:  # every item gets an answer; the stream goes on
-                    result.error.CopyFrom(to_status(error))
+                answered += 1
+                if isinstance(outcome, Exception):  # every item gets an answer; the stream goes on
+                    result.error.CopyFrom(to_status(outcome))
                 else:
-                    result.settlement.CopyFrom(settled.message())
-                    result.deduplicated = settled.deduplicated
+                    result.settlement.CopyFrom(outcome.message())
+                    result.deduplicated = outcome.deduplicated
                 response.results.append(result)
                 size += result.ByteSize()
                 if size > MAX_RESPONSE_BYTES:  # answers of one message may span several responses
                     yield response
                     response, size = ss.SettleBatchResponse(), 0
+            if answered < len(batch.items):  # settle_many stopped: the caller is gone
+                return
             if response.results or not batch.items:  # an empty message gets an empty answer
                 yield response
 

@@ -11,7 +11,7 @@ walking the chain (`Store.audit_chain`).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -112,6 +112,21 @@ class SettlementRecord:
     data: NewSettlement
 
 
+#: Given the latest revision of a contract period (None: there is none), the deltas_json of
+#: a new revision against it. `append_settlement` calls it under the write lock when the
+#: latest revision is not the one the caller read, so corrections queue instead of retrying.
+Rebase = Callable[[SettlementRecord | None], bytes]
+
+
+@dataclass(frozen=True)
+class Append:
+    """One settlement for `Store.append_settlements`: `append_settlement`'s arguments."""
+
+    new: NewSettlement
+    supersedes: SettlementRecord | None
+    rebase: Rebase | None = None
+
+
 @dataclass(frozen=True)
 class SettlementFilter:
     contract_id: str | None = None
@@ -162,7 +177,17 @@ class Store(Protocol):
 
     def latest_settlement(self, tenant: str, contract_id: str, period_start: datetime.date) -> SettlementRecord | None: ...
 
-    def append_settlement(self, new: NewSettlement, supersedes: SettlementRecord | None) -> SettlementRecord: ...
+    def append_settlement(
+        self, new: NewSettlement, supersedes: SettlementRecord | None, rebase: Rebase | None = None
+    ) -> SettlementRecord: ...
+
+    def append_settlements(self, appends: Sequence[Append]) -> list[SettlementRecord | Conflict]:
+        """Several settlements of one tenant in one transaction, in order; a Conflict per refused one."""
+        ...
+
+    def settlements_by_requests(self, tenant: str, request_ids: Sequence[str]) -> dict[str, SettlementRecord]:
+        """The stored settlements of those request ids (the ones not stored are absent)."""
+        ...
 
     def get_settlement(self, tenant: str, settlement_id: str) -> SettlementRecord: ...
 

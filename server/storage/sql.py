@@ -32,11 +32,12 @@ microseconds on SQLite, and always come back timezone-aware in UTC.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import heapq
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -59,12 +60,14 @@ from server.storage.chain import (
     verify_chain,
 )
 from server.storage.interface import (
+    Append,
     ChainEntry,
     Conflict,
     LifecycleAction,
     LifecycleEvent,
     NewSettlement,
     NotFound,
+    Rebase,
     RulesetVersionRecord,
     SettlementFilter,
     SettlementRecord,
@@ -75,6 +78,7 @@ from server.storage.interface import (
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 MAX_PAGE_SIZE: Final = 1000
 STREAM_BATCH: Final = 500
+_KEYS_PER_QUERY: Final = 250  # keys looked up by one statement: well under the databases' limits on bound parameters
 WRITE_LOCK_TIMEOUT_S: Final = 10.0  # waiting for a tenant's chain lock (PostgreSQL) or the write lock (SQLite)
 MIGRATION_LOCK_KEY: Final = 0x6B7069736574746C  # "kpisettl": pg advisory lock key for migrations
 
@@ -268,15 +272,43 @@ _OF_CONTRACT_PERIOD: Final = (
     settlements.c.period_start == sa.bindparam("period_start"),
 )
 _LATEST_SETTLEMENT: Final = sa.select(settlements).where(*_OF_CONTRACT_PERIOD).order_by(settlements.c.revision.desc()).limit(1)
-_LATEST_REVISION: Final = (
-    sa.select(settlements.c.settlement_id, settlements.c.revision)
-    .where(*_OF_CONTRACT_PERIOD)
-    .order_by(settlements.c.revision.desc())
-    .limit(1)
-)
-_REQUEST_TAKEN: Final = sa.select(settlements.c.settlement_id).where(
-    settlements.c.tenant == sa.bindparam("tenant"), settlements.c.request_id == sa.bindparam("request_id")
-)
+
+
+# Lookups of many keys at once: a VALUES list of the keys, with one correlated subquery per
+# key that probes the unique index. (An IN list is planned from the table's statistics, and
+# without fresh ones PostgreSQL scans the whole tenant for it: the same answer, slower and
+# slower as the tenant grows.)
+
+
+def _settled_ids(tenant: str, request_ids: Sequence[str]) -> sa.Select[Any]:
+    """(request_id, settlement_id or NULL) for each request id."""
+    wanted = sa.values(sa.column("request_id", sa.String), name="wanted").data([(r,) for r in request_ids]).cte("wanted")
+    s = settlements
+    settled = sa.select(s.c.settlement_id).where(s.c.tenant == tenant, s.c.request_id == wanted.c.request_id).scalar_subquery()
+    return sa.select(wanted.c.request_id, settled.label("settlement_id"))
+
+
+def _latest_revisions(tenant: str, keys: Sequence[tuple[str, datetime.date]]) -> sa.Select[Any]:
+    """(contract_id, period_start, latest settlement_id or NULL, its revision or NULL) for each key."""
+    wanted = (
+        sa.values(sa.column("contract_id", sa.String), sa.column("period_start", sa.Date), name="wanted").data(list(keys)).cte("wanted")
+    )
+    s = settlements
+    latest = (
+        sa.select(s.c.settlement_id, s.c.revision)
+        .where(s.c.tenant == tenant, s.c.contract_id == wanted.c.contract_id, s.c.period_start == wanted.c.period_start)
+        .order_by(s.c.revision.desc())
+        .limit(1)
+    )
+    return sa.select(
+        wanted.c.contract_id,
+        wanted.c.period_start,
+        latest.with_only_columns(s.c.settlement_id).scalar_subquery().label("settlement_id"),
+        latest.with_only_columns(s.c.revision).scalar_subquery().label("revision"),
+    )
+
+
+_SETTLEMENTS_BY_ID: Final = sa.select(settlements).where(settlements.c.settlement_id.in_(sa.bindparam("settlement_ids", expanding=True)))
 
 
 class StoreBusy(StoreError):
@@ -301,6 +333,12 @@ class _ChainWriter:
         self.start_seq = seq
 
     def append(self, table: sa.Table, kind: str, values: Mapping[str, object]) -> dict[str, object]:
+        row = self.link(table, kind, values)
+        self.conn.execute(table.insert(), row)
+        return row
+
+    def link(self, table: sa.Table, kind: str, values: Mapping[str, object]) -> dict[str, object]:
+        """The next link's row (seq, previous and record hash), to be inserted by the caller in this transaction."""
         row: dict[str, object] = {column.name: values.get(column.name) for column in table.columns}
         unknown = set(values) - set(row)
         if unknown:
@@ -309,7 +347,6 @@ class _ChainWriter:
         row["chain_seq"] = self.seq + 1
         row["previous_hash"] = self.last_hash
         row["record_hash"] = link_hash(self.last_hash, canonical_content(kind, row))
-        self.conn.execute(table.insert(), row)
         self.seq += 1
         self.last_hash = str(row["record_hash"])
         return row
@@ -605,6 +642,20 @@ class SqlStore:
     def settlement_by_request(self, tenant: str, request_id: str) -> SettlementRecord | None:
         return self._one_settlement(_SETTLEMENT_BY_REQUEST, {"tenant": tenant, "request_id": request_id})
 
+    def settlements_by_requests(self, tenant: str, request_ids: Sequence[str]) -> dict[str, SettlementRecord]:
+        """The stored settlements of those request ids, by request id."""
+        wanted = sorted(set(request_ids))
+        found: dict[str, SettlementRecord] = {}
+        with self._reader.connect() as conn:
+            for start in range(0, len(wanted), _KEYS_PER_QUERY):
+                ids = [row.settlement_id for row in conn.execute(_settled_ids(tenant, wanted[start : start + _KEYS_PER_QUERY]))]
+                ids = [settlement_id for settlement_id in ids if settlement_id is not None]
+                if ids:
+                    for row in conn.execute(_SETTLEMENTS_BY_ID, {"settlement_ids": ids}):
+                        if row.tenant == tenant:
+                            found[row.request_id] = self._settlement_record(row)
+        return found
+
     def latest_settlement(self, tenant: str, contract_id: str, period_start: datetime.date) -> SettlementRecord | None:
         return self._one_settlement(_LATEST_SETTLEMENT, {"tenant": tenant, "contract_id": contract_id, "period_start": period_start})
 
@@ -614,14 +665,8 @@ class SqlStore:
             raise NotFound(f"no settlement {settlement_id!r}")
         return record
 
-    def append_settlement(self, new: NewSettlement, supersedes: SettlementRecord | None) -> SettlementRecord:
-        """Append the next revision of (tenant, contract_id, period_start) in one transaction.
-
-        Checks, in this order, under the tenant's chain lock: the request id is new
-        (DUPLICATE_REQUEST_ID: the caller re-reads it with `settlement_by_request`); the
-        latest revision number equals `new.expected_revision` when that is set
-        (EXPECTED_REVISION_MISMATCH); the latest revision is `supersedes` (REVISION_TAKEN).
-        """
+    @staticmethod
+    def _check_append(new: NewSettlement, supersedes: SettlementRecord | None) -> None:
         _check_date(new.period_start, "period_start")
         _check_date(new.period_end, "period_end")
         if supersedes is not None and (
@@ -630,68 +675,71 @@ class SqlStore:
             or supersedes.data.period_start != new.period_start
         ):
             raise ValueError("supersedes must be a revision of the same tenant, contract and period")
-        s = settlements
-        try:
-            with self._write(new.tenant) as chain:
-                conn = chain.conn
-                taken = conn.execute(_REQUEST_TAKEN, {"tenant": new.tenant, "request_id": new.request_id}).one_or_none()
-                if taken is not None:
-                    raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled as {taken.settlement_id}")
-                latest = conn.execute(
-                    _LATEST_REVISION, {"tenant": new.tenant, "contract_id": new.contract_id, "period_start": new.period_start}
-                ).one_or_none()
-                latest_revision = 0 if latest is None else int(latest.revision)
-                if new.expected_revision is not None and new.expected_revision != latest_revision:
-                    raise Conflict(
-                        "EXPECTED_REVISION_MISMATCH",
-                        f"expected revision {new.expected_revision} but the latest revision is {latest_revision}",
-                    )
-                latest_id = None if latest is None else str(latest.settlement_id)
-                wanted_id = None if supersedes is None else supersedes.settlement_id
-                if latest_id != wanted_id:
-                    raise Conflict(
-                        "REVISION_TAKEN",
-                        f"the latest revision of {new.contract_id} for {new.period_start.isoformat()} is now {latest_revision}",
-                    )
-                settlement_id = uuid.uuid4().hex
-                revision = latest_revision + 1
-                now = self._now()
-                row = chain.append(
-                    s,
-                    KIND_SETTLEMENT,
-                    {
-                        "settlement_id": settlement_id,
-                        "request_id": new.request_id,
-                        "request_fingerprint": new.request_fingerprint,
-                        "contract_id": new.contract_id,
-                        "seller_id": new.seller_id,
-                        "market": new.market,
-                        "period_start": new.period_start,
-                        "period_end": new.period_end,
-                        "ruleset_id": new.ruleset_id,
-                        "ruleset_version": new.ruleset_version,
-                        "content_hash": new.content_hash,
-                        "engine_version": new.engine_version,
-                        "currency": new.currency,
-                        "total": new.total,
-                        "request_json": bytes(new.request_json),
-                        "decision_json": bytes(new.decision_json),
-                        "deltas_json": bytes(new.deltas_json),
-                        "principal": new.principal,
-                        "expected_revision": new.expected_revision,
-                        "revision": revision,
-                        "supersedes_id": wanted_id,
-                        "create_time": now,
-                    },
+
+    def _next_settlement(
+        self,
+        chain: _ChainWriter,
+        append: Append,
+        taken: set[str],
+        latest: Mapping[tuple[str, datetime.date], tuple[str, int]],
+        added: Mapping[str, SettlementRecord],
+    ) -> tuple[SettlementRecord, dict[str, object]]:
+        """`append_settlement`'s checks for one settlement, then its record and chain row (not yet inserted)."""
+        new, supersedes = append.new, append.supersedes
+        if new.request_id in taken:
+            raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled")
+        latest_id, latest_revision = latest.get((new.contract_id, new.period_start), (None, 0))
+        if new.expected_revision is not None and new.expected_revision != latest_revision:
+            raise Conflict(
+                "EXPECTED_REVISION_MISMATCH",
+                f"expected revision {new.expected_revision} but the latest revision is {latest_revision}",
+            )
+        wanted_id = None if supersedes is None else supersedes.settlement_id
+        if latest_id != wanted_id:
+            if append.rebase is None:
+                raise Conflict(
+                    "REVISION_TAKEN",
+                    f"the latest revision of {new.contract_id} for {new.period_start.isoformat()} is now {latest_revision}",
                 )
-        except IntegrityError as exc:  # a rule the checks above enforce, hit anyway: report it as they would
-            if self.settlement_by_request(new.tenant, new.request_id) is not None:
-                raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled") from exc
-            current = self.latest_settlement(new.tenant, new.contract_id, new.period_start)
-            if (None if current is None else current.settlement_id) != (None if supersedes is None else supersedes.settlement_id):
-                raise Conflict("REVISION_TAKEN", f"the latest revision of {new.contract_id} has changed") from exc
-            raise
-        return SettlementRecord(
+            current = None
+            if latest_id is not None:
+                current = added.get(latest_id) or self._settlement_record(
+                    chain.conn.execute(_SETTLEMENT_BY_ID, {"tenant": new.tenant, "settlement_id": latest_id}).one()
+                )
+            new = dataclasses.replace(new, deltas_json=append.rebase(current))
+            wanted_id = latest_id
+        settlement_id = uuid.uuid4().hex
+        revision = latest_revision + 1
+        now = self._now()
+        row = chain.link(
+            settlements,
+            KIND_SETTLEMENT,
+            {
+                "settlement_id": settlement_id,
+                "request_id": new.request_id,
+                "request_fingerprint": new.request_fingerprint,
+                "contract_id": new.contract_id,
+                "seller_id": new.seller_id,
+                "market": new.market,
+                "period_start": new.period_start,
+                "period_end": new.period_end,
+                "ruleset_id": new.ruleset_id,
+                "ruleset_version": new.ruleset_version,
+                "content_hash": new.content_hash,
+                "engine_version": new.engine_version,
+                "currency": new.currency,
+                "total": new.total,
+                "request_json": bytes(new.request_json),
+                "decision_json": bytes(new.decision_json),
+                "deltas_json": bytes(new.deltas_json),
+                "principal": new.principal,
+                "expected_revision": new.expected_revision,
+                "revision": revision,
+                "supersedes_id": wanted_id,
+                "create_time": now,
+            },
+        )
+        record = SettlementRecord(
             settlement_id=settlement_id,
             revision=revision,
             supersedes_id=wanted_id,
@@ -701,6 +749,77 @@ class SqlStore:
             previous_hash=str(row["previous_hash"]),
             data=new,
         )
+        return record, row
+
+    def append_settlement(self, new: NewSettlement, supersedes: SettlementRecord | None, rebase: Rebase | None = None) -> SettlementRecord:
+        """Append the next revision of (tenant, contract_id, period_start) in one transaction.
+
+        Checks, in this order, under the tenant's chain lock: the request id is new
+        (DUPLICATE_REQUEST_ID: the caller re-reads it with `settlement_by_request`); the
+        latest revision number equals `new.expected_revision` when that is set
+        (EXPECTED_REVISION_MISMATCH); the latest revision is `supersedes` (REVISION_TAKEN).
+        With `rebase`, a latest revision other than `supersedes` is no conflict: the new
+        revision goes on top of it, with the deltas_json that `rebase(latest)` returns.
+        """
+        try:
+            (outcome,) = self.append_settlements([Append(new, supersedes, rebase)])
+        except IntegrityError as exc:  # a rule the checks above enforce, hit anyway: report it as they would
+            if self.settlement_by_request(new.tenant, new.request_id) is not None:
+                raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled") from exc
+            current = self.latest_settlement(new.tenant, new.contract_id, new.period_start)
+            if (None if current is None else current.settlement_id) != (None if supersedes is None else supersedes.settlement_id):
+                raise Conflict("REVISION_TAKEN", f"the latest revision of {new.contract_id} has changed") from exc
+            raise
+        if isinstance(outcome, Conflict):
+            raise outcome
+        return outcome
+
+    def append_settlements(self, appends: Sequence[Append]) -> list[SettlementRecord | Conflict]:
+        """Append several settlements of one tenant in one transaction, in order, each checked
+        as `append_settlement` checks it (seeing the ones before it). One that fails a check
+        is its Conflict in the result and stores nothing; the others commit together, with
+        one commit. Any other error rolls them all back."""
+        if not appends:
+            return []
+        tenant = appends[0].new.tenant
+        for append in appends:
+            if append.new.tenant != tenant:
+                raise ValueError("append_settlements takes the settlements of one tenant")
+            self._check_append(append.new, append.supersedes)
+        request_ids = sorted({append.new.request_id for append in appends})
+        keys = sorted({(append.new.contract_id, append.new.period_start) for append in appends})
+        outcomes: list[SettlementRecord | Conflict] = []
+        with self._write(tenant) as chain:
+            conn = chain.conn
+            # What the checks need, read at once under the lock, then kept up to date in
+            # memory as the settlements are added: the request ids taken, and the latest
+            # revision of each (contract, period).
+            taken: set[str] = set()
+            for start in range(0, len(request_ids), _KEYS_PER_QUERY):
+                for row in conn.execute(_settled_ids(tenant, request_ids[start : start + _KEYS_PER_QUERY])):
+                    if row.settlement_id is not None:
+                        taken.add(row.request_id)
+            latest: dict[tuple[str, datetime.date], tuple[str, int]] = {}
+            for start in range(0, len(keys), _KEYS_PER_QUERY):
+                for row in conn.execute(_latest_revisions(tenant, keys[start : start + _KEYS_PER_QUERY])):
+                    if row.settlement_id is not None:
+                        latest[(row.contract_id, row.period_start)] = (row.settlement_id, int(row.revision))
+            added: dict[str, SettlementRecord] = {}
+            rows: list[dict[str, object]] = []
+            for append in appends:
+                try:
+                    record, link = self._next_settlement(chain, append, taken, latest, added)
+                except Conflict as conflict:
+                    outcomes.append(conflict)
+                    continue
+                taken.add(record.data.request_id)
+                latest[(record.data.contract_id, record.data.period_start)] = (record.settlement_id, record.revision)
+                added[record.settlement_id] = record
+                rows.append(link)
+                outcomes.append(record)
+            if rows:
+                conn.execute(settlements.insert(), rows)
+        return outcomes
 
     @staticmethod
     def _filtered(tenant: str, where: SettlementFilter) -> sa.Select[Any]:
