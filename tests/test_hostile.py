@@ -17,6 +17,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -740,6 +741,32 @@ def test_characters_written_as_escapes_are_refused_like_raw_ones(text: str, path
     cannot even be encoded to be hashed or stored): refused, with its place."""
     problem = refused(text, "source.character", path)
     assert (problem.line, problem.column) == at(text, needle)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("%YAML 1.1\n---\nruleset: x\n", "key.missing"),  # read (the fuzz found these crashing the composer once)
+        ("%YAML 1.2\n%TAG !e! tag:example.com,2000:\n---\nruleset: !e!x y\n", "source.tag_not_allowed"),
+        ("%YAML 1.1\n", "source.syntax"),
+        ("%YAML 2.0\n---\nruleset: x\n", "source.syntax"),
+        ("%YAML 1.1\n%YAML 1.1\n---\nruleset: x\n", "source.syntax"),
+        ("%FOO bar\n---\nruleset: x\n", "key.missing"),
+    ],
+)
+def test_yaml_directives_are_read_or_refused_cleanly(text: str, code: str) -> None:
+    report = clean_report(text)
+    assert not report.valid and report.problems[0].code == code, report.problems
+    assert report.problems[0].line >= 1
+
+
+def test_a_reused_anchor_name_is_read_without_a_warning() -> None:
+    """Legal YAML (the later anchor wins); ruamel would warn, and so write every such document to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = clean_report("ruleset: x\na: &n [1]\nb: &n [2]\nc: *n\n")
+    assert caught == []
+    assert [p.path for p in report.problems if p.code == "key.unknown"] == ["a", "b", "c"]
 
 
 def test_escaped_tabs_newlines_and_non_bmp_characters_are_text() -> None:

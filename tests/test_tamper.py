@@ -67,7 +67,7 @@ def record_name(table: str, row: Row) -> str:
 
 @dataclasses.dataclass
 class Chain:
-    """A tenant's chain of ten links, the rows as stored, and SQL access that bypasses every constraint.
+    """A tenant's chain of ten links, the rows as stored, and SQL access with the foreign keys off.
 
     1 v1, 2 v1 CREATED, 3 v1 APPROVED, 4 v2, 5 v2 CREATED, 6 s1 (C-1 rev 1), 7 s2 (C-1 rev 2,
     supersedes s1), 8 v2 APPROVED, 9 s3 (C-2), 10 v2 RETIRED.
@@ -206,11 +206,13 @@ def chain_fixture(module_chain: Chain) -> Iterator[Chain]:
 
 
 def altered(value: Any) -> Any:
-    """A different value of the same type and length (the least an edit can change)."""
+    """A different value of the same type, changed as little as it can be: one more microsecond, one
+    more day, one bit, one hex digit of an id or hash, one character more (numbers move by 1000,
+    clear of every other row's, so that no unique key stops the edit)."""
     if isinstance(value, bool):
         raise TypeError("no boolean columns")
     if isinstance(value, int):
-        return value + 1000  # clear of every other row's numbers, so no unique key stops the edit
+        return value + 1000
     if isinstance(value, datetime.datetime):
         return value + datetime.timedelta(microseconds=1)
     if isinstance(value, datetime.date):
