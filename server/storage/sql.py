@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import heapq
 import threading
 import uuid
@@ -277,35 +278,74 @@ _LATEST_SETTLEMENT: Final = sa.select(settlements).where(*_OF_CONTRACT_PERIOD).o
 # Lookups of many keys at once: a VALUES list of the keys, with one correlated subquery per
 # key that probes the unique index. (An IN list is planned from the table's statistics, and
 # without fresh ones PostgreSQL scans the whole tenant for it: the same answer, slower and
-# slower as the tenant grows.)
+# slower as the tenant grows.) The keys are bound parameters of a text statement made once
+# per list length, and a list is padded (with its last key) to one of a few lengths:
+# SQLAlchemy never caches a statement with a VALUES construct, and compiling one on every
+# call cost more than the rest of a Settle together.
+_KEY_LIST_LENGTHS: Final = (1, 4, 16, 64, _KEYS_PER_QUERY)
 
 
-def _settled_ids(tenant: str, request_ids: Sequence[str]) -> sa.Select[Any]:
-    """(request_id, settlement_id or NULL) for each request id."""
-    wanted = sa.values(sa.column("request_id", sa.String), name="wanted").data([(r,) for r in request_ids]).cte("wanted")
-    s = settlements
-    settled = sa.select(s.c.settlement_id).where(s.c.tenant == tenant, s.c.request_id == wanted.c.request_id).scalar_subquery()
-    return sa.select(wanted.c.request_id, settled.label("settlement_id"))
+def _padded(keys: Sequence[Any]) -> tuple[int, list[Any]]:
+    """The statement length for `keys` (1 to _KEYS_PER_QUERY of them) and the keys padded to it."""
+    length = next(n for n in _KEY_LIST_LENGTHS if n >= len(keys))
+    return length, [*keys, *([keys[-1]] * (length - len(keys)))]
 
 
-def _latest_revisions(tenant: str, keys: Sequence[tuple[str, datetime.date]]) -> sa.Select[Any]:
-    """(contract_id, period_start, latest settlement_id or NULL, its revision or NULL) for each key."""
-    wanted = (
-        sa.values(sa.column("contract_id", sa.String), sa.column("period_start", sa.Date), name="wanted").data(list(keys)).cte("wanted")
+@functools.cache
+def _settled_ids_select(length: int) -> sa.TextClause:
+    """(request_id, settlement_id or NULL) for each of `length` request ids bound as r0, r1, …"""
+    rows = ", ".join(f"(:r{i})" for i in range(length))
+    statement = sa.text(
+        f"WITH wanted (request_id) AS (VALUES {rows}) "
+        "SELECT wanted.request_id, (SELECT settlements.settlement_id FROM settlements "
+        "WHERE settlements.tenant = :tenant AND settlements.request_id = wanted.request_id) AS settlement_id FROM wanted"
     )
-    s = settlements
-    latest = (
-        sa.select(s.c.settlement_id, s.c.revision)
-        .where(s.c.tenant == tenant, s.c.contract_id == wanted.c.contract_id, s.c.period_start == wanted.c.period_start)
-        .order_by(s.c.revision.desc())
-        .limit(1)
+    return statement.bindparams(*(sa.bindparam(f"r{i}", type_=sa.String) for i in range(length)), sa.bindparam("tenant", type_=sa.String))
+
+
+def _settled_ids(conn: Connection, tenant: str, request_ids: Sequence[str]) -> Iterator[sa.Row[Any]]:
+    length, padded = _padded(request_ids)
+    params: dict[str, object] = {f"r{i}": key for i, key in enumerate(padded)}
+    params["tenant"] = tenant
+    return iter(conn.execute(_settled_ids_select(length), params))
+
+
+@functools.cache
+def _latest_revisions_select(length: int) -> sa.TextualSelect:
+    """(contract_id, period_start, latest settlement_id or NULL, its revision or NULL) for
+    each of `length` keys bound as c0/p0, c1/p1, …"""
+    rows = ", ".join(f"(:c{i}, :p{i})" for i in range(length))
+
+    def latest(column: str) -> str:
+        return (
+            f"(SELECT settlements.{column} FROM settlements WHERE settlements.tenant = :tenant "
+            "AND settlements.contract_id = wanted.contract_id AND settlements.period_start = wanted.period_start "
+            "ORDER BY settlements.revision DESC LIMIT 1)"
+        )
+
+    statement = sa.text(
+        f"WITH wanted (contract_id, period_start) AS (VALUES {rows}) "
+        f"SELECT wanted.contract_id, wanted.period_start, {latest('settlement_id')} AS settlement_id, "
+        f"{latest('revision')} AS revision FROM wanted"
     )
-    return sa.select(
-        wanted.c.contract_id,
-        wanted.c.period_start,
-        latest.with_only_columns(s.c.settlement_id).scalar_subquery().label("settlement_id"),
-        latest.with_only_columns(s.c.revision).scalar_subquery().label("revision"),
+    binds: list[sa.BindParameter[Any]] = [sa.bindparam("tenant", type_=sa.String)]
+    for i in range(length):
+        binds += [sa.bindparam(f"c{i}", type_=sa.String), sa.bindparam(f"p{i}", type_=sa.Date)]
+    return statement.bindparams(*binds).columns(
+        sa.column("contract_id", sa.String),
+        sa.column("period_start", sa.Date),
+        sa.column("settlement_id", sa.String),
+        sa.column("revision", sa.Integer),
     )
+
+
+def _latest_revisions(conn: Connection, tenant: str, keys: Sequence[tuple[str, datetime.date]]) -> Iterator[sa.Row[Any]]:
+    length, padded = _padded(keys)
+    params: dict[str, object] = {"tenant": tenant}
+    for i, (contract_id, period_start) in enumerate(padded):
+        params[f"c{i}"] = contract_id
+        params[f"p{i}"] = period_start
+    return iter(conn.execute(_latest_revisions_select(length), params))
 
 
 _SETTLEMENTS_BY_ID: Final = sa.select(settlements).where(settlements.c.settlement_id.in_(sa.bindparam("settlement_ids", expanding=True)))
@@ -648,7 +688,7 @@ class SqlStore:
         found: dict[str, SettlementRecord] = {}
         with self._reader.connect() as conn:
             for start in range(0, len(wanted), _KEYS_PER_QUERY):
-                ids = [row.settlement_id for row in conn.execute(_settled_ids(tenant, wanted[start : start + _KEYS_PER_QUERY]))]
+                ids = [row.settlement_id for row in _settled_ids(conn, tenant, wanted[start : start + _KEYS_PER_QUERY])]
                 ids = [settlement_id for settlement_id in ids if settlement_id is not None]
                 if ids:
                     for row in conn.execute(_SETTLEMENTS_BY_ID, {"settlement_ids": ids}):
@@ -796,12 +836,12 @@ class SqlStore:
             # revision of each (contract, period).
             taken: set[str] = set()
             for start in range(0, len(request_ids), _KEYS_PER_QUERY):
-                for row in conn.execute(_settled_ids(tenant, request_ids[start : start + _KEYS_PER_QUERY])):
+                for row in _settled_ids(conn, tenant, request_ids[start : start + _KEYS_PER_QUERY]):
                     if row.settlement_id is not None:
                         taken.add(row.request_id)
             latest: dict[tuple[str, datetime.date], tuple[str, int]] = {}
             for start in range(0, len(keys), _KEYS_PER_QUERY):
-                for row in conn.execute(_latest_revisions(tenant, keys[start : start + _KEYS_PER_QUERY])):
+                for row in _latest_revisions(conn, tenant, keys[start : start + _KEYS_PER_QUERY]):
                     if row.settlement_id is not None:
                         latest[(row.contract_id, row.period_start)] = (row.settlement_id, int(row.revision))
             added: dict[str, SettlementRecord] = {}
