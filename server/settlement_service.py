@@ -25,7 +25,17 @@ from server import convert
 from server.auth import Principal, current_principal
 from server.errors import ServiceError, Violation, invalid, rpc_errors, to_status
 from server.paging import decode_token, encode_token, page_size
-from server.storage.interface import Append, Conflict, NewSettlement, NotFound, SettlementFilter, SettlementRecord, Store, StoreError
+from server.storage.interface import (
+    Append,
+    Conflict,
+    NewSettlement,
+    NotFound,
+    SettlementFilter,
+    SettlementRecord,
+    Store,
+    StoreError,
+    VersionsChanged,
+)
 from server.versions import Chosen, VersionRegistry
 
 log = logging.getLogger("kpisettle.settle")
@@ -74,6 +84,7 @@ class _Draft:
 
     def __init__(self, principal: Principal, request: _Request, chosen: Chosen, decision_object: Decision) -> None:
         self.request = request
+        self.stamp = chosen.stamp
         self.decision = decision_object.to_dict()
         self.deltas: list[dict[str, str]] = []
         message = request.message
@@ -107,6 +118,11 @@ class _Draft:
     def settled(self, record: SettlementRecord) -> Settled:
         return Settled(record, self.decision, self.deltas, False)
 
+    def append(self) -> Append:
+        """What the store is given: no revision read beforehand (the new one goes on top of
+        whatever is latest under the write lock), and the stamp of the version's choice."""
+        return Append(self.new, None, self.rebase, self.stamp)
+
 
 class Settler:
     """The settle path shared by Settle, SettleBatch and Simulate (SPEC §7 idempotency and corrections)."""
@@ -118,18 +134,29 @@ class Settler:
     def settle(self, principal: Principal, request_id: str, message: pb.SettlementInput, expected_revision: int | None) -> Settled:
         tenant = principal.tenant
         request = self._checked(tenant, request_id, message, expected_revision)
-        # Idempotency first (AIP-155): a retry gets the stored decision even if the version
-        # in effect has changed since; nothing is computed or written for it.
-        existing = self._store.settlement_by_request(tenant, request_id)
-        if existing is not None:
-            return self._replayed(existing, request.fingerprint)
-        draft = self._draft(principal, request, None)
+        draft: _Draft | None = None
         for _ in range(MAX_REVISION_RETRIES):
+            if draft is None:
+                try:
+                    draft = self._draft(principal, request, None)
+                except Exception:
+                    # Idempotency (AIP-155): a retry gets the stored decision even if it would
+                    # no longer compute (the version in effect has changed since, …).
+                    existing = self._store.settlement_by_request(tenant, request_id)
+                    if existing is not None:
+                        return self._replayed(existing, request.fingerprint)
+                    raise
             try:
-                # No revision read beforehand: the new one goes on top of whatever is latest
-                # under the write lock (rebase), so concurrent corrections of one contract
-                # period queue there instead of failing and retrying.
-                record = self._store.append_settlement(draft.new, None, draft.rebase)
+                # The request id is checked under the write lock (a retry is a
+                # DUPLICATE_REQUEST_ID there, answered with the stored decision); the new
+                # revision goes on top of whatever is latest there (rebase), so concurrent
+                # corrections of one contract period queue instead of failing and retrying.
+                append = draft.append()
+                record = self._store.append_settlement(append.new, append.supersedes, append.rebase, append.versions_stamp)
+            except VersionsChanged:  # a version was approved or retired since it was chosen: choose again
+                self._registry.forget(tenant)
+                draft = None
+                continue
             except Conflict as conflict:
                 if conflict.reason == "REVISION_TAKEN":  # only when a unique constraint caught what the checks did not
                     continue  # recompute the deltas against the latest revision (the store rechecks expected_revision)
@@ -193,14 +220,42 @@ class Settler:
         for start in range(0, len(drafts), MAX_ITEMS_PER_TRANSACTION):
             if start and not active():
                 break
-            group = drafts[start : start + MAX_ITEMS_PER_TRANSACTION]
+            self._store_group(principal, drafts[start : start + MAX_ITEMS_PER_TRANSACTION], outcomes, versions)
+        for outcome in outcomes:
+            if outcome is None:  # not stored: active() turned false
+                return False
+            yield outcome
+        return True
+
+    def _store_group(
+        self,
+        principal: Principal,
+        group: list[tuple[int, _Draft]],
+        outcomes: list[Settled | Exception | None],
+        versions: dict[tuple[str, int | None, datetime.date], Chosen],
+    ) -> None:
+        """Store the drafts of `group` in one transaction; each item's outcome goes to `outcomes`."""
+        tenant = principal.tenant
+        for _ in range(MAX_REVISION_RETRIES):
             try:
-                # No revision read beforehand: each goes on top of whatever is latest under the lock.
-                results = self._store.append_settlements([Append(draft.new, None, draft.rebase) for _, draft in group])
+                results = self._store.append_settlements([draft.append() for _, draft in group])
+            except VersionsChanged:  # a version was approved or retired since they were decided: decide again
+                self._registry.forget(tenant)
+                versions.clear()
+                redrafted: list[tuple[int, _Draft]] = []
+                for i, draft in group:
+                    try:
+                        redrafted.append((i, self._draft(principal, draft.request, versions)))
+                    except Exception as error:
+                        outcomes[i] = error
+                group = redrafted
+                if not group:
+                    return
+                continue
             except StoreError as error:  # the lock was not had, or the like: each item gets the error
                 for i, _ in group:
                     outcomes[i] = error
-                continue
+                return
             except Exception:  # e.g. a value the database refuses: nothing was stored; one at a time tells which
                 log.info("a group of %d settlements was rolled back; settling them one at a time", len(group))
                 for i, draft in group:
@@ -209,17 +264,16 @@ class Settler:
                         outcomes[i] = self.settle(principal, request.request_id, request.message, request.expected_revision)
                     except Exception as error:
                         outcomes[i] = error
-                continue
+                return
             for (i, draft), result in zip(group, results, strict=True):
                 try:
                     outcomes[i] = self._refused(tenant, draft, result) if isinstance(result, Conflict) else draft.settled(result)
                 except Exception as error:
                     outcomes[i] = error
-        for outcome in outcomes:
-            if outcome is None:  # not stored: active() turned false
-                return False
-            yield outcome
-        return True
+            return
+        contention = ServiceError(grpc.StatusCode.ABORTED, "CONTENTION", "the tenant's ruleset versions kept changing; retry")
+        for i, _ in group:
+            outcomes[i] = contention
 
     def _checked(self, tenant: str, request_id: str, message: pb.SettlementInput, expected_revision: int | None) -> _Request:
         """The request after its shape checks (INVALID_ARGUMENT lists every problem), with its fingerprint."""
@@ -282,7 +336,7 @@ class Settler:
         key = (*checked.ruleset, checked.period_start)
         chosen = versions.get(key) if versions is not None else None
         if chosen is None:
-            chosen = self.choose(tenant, checked.ruleset, checked.period_start, allow_draft)
+            chosen = self.choose(tenant, checked.ruleset, checked.period_start, allow_draft, kept=not allow_draft)
             if versions is not None:
                 versions[key] = chosen
         violations: list[Violation] = []
@@ -291,14 +345,20 @@ class Settler:
             raise invalid("the settlement input is invalid", violations, "INPUT_INVALID")
         return chosen, decision
 
-    def choose(self, tenant: str, ruleset: tuple[str, int | None], period_start: datetime.date, allow_draft: bool) -> Chosen:
+    def choose(
+        self, tenant: str, ruleset: tuple[str, int | None], period_start: datetime.date, allow_draft: bool, kept: bool = False
+    ) -> Chosen:
         """The registry's choice, with NOT_FOUND for a ruleset or pinned version that does not exist.
+
+        `kept`: a choice the registry keeps (for a settlement the store writes with its stamp checked).
 
         A ruleset with no version at all in the caller's tenant is NOT_FOUND (the name is
         wrong, or another tenant's); one whose versions exist but none is APPROVED and in
         effect on the period's first day is FAILED_PRECONDITION (SPEC §6)."""
         ruleset_id, pinned = ruleset
         try:
+            if kept:
+                return self._registry.choose_kept(tenant, ruleset_id, pinned, period_start, allow_draft=allow_draft)
             return self._registry.choose(tenant, ruleset_id, pinned, period_start, allow_draft=allow_draft)
         except NotFound as missing:
             name = f"rulesets/{ruleset_id}/versions/{pinned}"

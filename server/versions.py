@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import threading
 from dataclasses import dataclass
@@ -12,11 +13,19 @@ from engine import CompiledRuleset, compile_ruleset
 from server.errors import ServiceError
 from server.storage.interface import RulesetVersionRecord, Store, VersionStatus
 
+#: Choices kept per tenant; beyond this many (distinct rulesets and period starts) they are dropped and made again.
+MAX_CHOICES_PER_TENANT = 4096
+
+_ChoiceKey = tuple[str, int | None, datetime.date | None, bool]
+
 
 @dataclass(frozen=True)
 class Chosen:
     record: RulesetVersionRecord
     compiled: CompiledRuleset
+    #: The tenant's versions stamp (`Store.versions_stamp`) read before the choice was made,
+    #: for the store to check when the settlement is written; None when not kept.
+    stamp: int | None = None
 
 
 class VersionRegistry:
@@ -25,6 +34,11 @@ class VersionRegistry:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._compiled: dict[tuple[str, str, int], CompiledRuleset] = {}
+        # The choices of the settle path, per tenant, with the stamp they were made at. They
+        # are used without asking the store again: the store refuses a settlement whose
+        # stamp is no longer the tenant's (VersionsChanged), whichever process changed the
+        # versions, and the caller then forgets the tenant's choices and chooses again.
+        self._choices: dict[str, tuple[int, dict[_ChoiceKey, Chosen]]] = {}
         self._lock = threading.Lock()
 
     def compiled(self, record: RulesetVersionRecord) -> CompiledRuleset:
@@ -49,6 +63,33 @@ class VersionRegistry:
     def get(self, tenant: str, ruleset_id: str, version: int) -> Chosen:
         record = self._store.get_ruleset_version(tenant, ruleset_id, version)
         return Chosen(record, self.compiled(record))
+
+    def choose_kept(self, tenant: str, ruleset_id: str, pinned: int | None, period_start: datetime.date, allow_draft: bool) -> Chosen:
+        """`choose`, kept for the tenant with the versions stamp read before it (see `forget`).
+
+        Only for a settlement the store writes with that stamp checked: a kept choice may be
+        stale until a write finds the stamp changed."""
+        key: _ChoiceKey = (ruleset_id, pinned, None if pinned is not None else period_start, allow_draft)
+        with self._lock:
+            kept = self._choices.get(tenant)
+            found = kept[1].get(key) if kept is not None else None
+        if found is not None:
+            return found
+        stamp = self._store.versions_stamp(tenant)  # read first: the choice is at least as new as the stamp
+        chosen = dataclasses.replace(self.choose(tenant, ruleset_id, pinned, period_start, allow_draft), stamp=stamp)
+        with self._lock:
+            kept = self._choices.get(tenant)
+            if kept is None or kept[0] < stamp or len(kept[1]) >= MAX_CHOICES_PER_TENANT:
+                kept = (stamp, {})
+                self._choices[tenant] = kept
+            if kept[0] == stamp:
+                kept[1][key] = chosen
+        return chosen
+
+    def forget(self, tenant: str) -> None:
+        """Drop the tenant's kept choices (the store said its versions changed)."""
+        with self._lock:
+            self._choices.pop(tenant, None)
 
     def choose(self, tenant: str, ruleset_id: str, pinned: int | None, period_start: datetime.date, allow_draft: bool) -> Chosen:
         """The pinned version (APPROVED, or DRAFT when simulating), else the APPROVED version
@@ -79,3 +120,4 @@ class VersionRegistry:
             for compiled in self._compiled.values():
                 compiled.close()
             self._compiled.clear()
+            self._choices.clear()

@@ -44,8 +44,16 @@ class Conflict(StoreError):
     """A uniqueness rule was hit (duplicate request id, a revision taken, a bad transition)."""
 
     def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason  # DUPLICATE_REQUEST_ID | REVISION_TAKEN | EXPECTED_REVISION_MISMATCH | INVALID_TRANSITION
+        self.reason = reason  # DUPLICATE_REQUEST_ID | REVISION_TAKEN | EXPECTED_REVISION_MISMATCH | INVALID_TRANSITION | VERSIONS_CHANGED
         super().__init__(message)
+
+
+class VersionsChanged(Conflict):
+    """A settlement was decided with a version chosen before the tenant's versions last
+    changed (another process or thread created, approved or retired one): choose again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("VERSIONS_CHANGED", message)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,10 @@ class Append:
     new: NewSettlement
     supersedes: SettlementRecord | None
     rebase: Rebase | None = None
+    #: The tenant's `versions_stamp` when the version it settles with was chosen: if the
+    #: tenant's versions have changed since (a version created, approved or retired), the
+    #: whole call raises VersionsChanged and stores nothing. None: not checked.
+    versions_stamp: int | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,11 @@ class Store(Protocol):
         """The APPROVED version with the latest effective_from on or before `on` (ties: highest)."""
         ...
 
+    def versions_stamp(self, tenant: str) -> int:
+        """A number that changes whenever any of the tenant's versions is created, approved or
+        retired (0 before the first): what a choice of version made at that stamp depends on."""
+        ...
+
     def record_lifecycle(
         self, tenant: str, ruleset_id: str, version: int, action: LifecycleAction, principal: str, note: str = ""
     ) -> RulesetVersionRecord: ...
@@ -178,7 +195,7 @@ class Store(Protocol):
     def latest_settlement(self, tenant: str, contract_id: str, period_start: datetime.date) -> SettlementRecord | None: ...
 
     def append_settlement(
-        self, new: NewSettlement, supersedes: SettlementRecord | None, rebase: Rebase | None = None
+        self, new: NewSettlement, supersedes: SettlementRecord | None, rebase: Rebase | None = None, versions_stamp: int | None = None
     ) -> SettlementRecord: ...
 
     def append_settlements(self, appends: Sequence[Append]) -> list[SettlementRecord | Conflict]:
@@ -208,5 +225,5 @@ class Store(Protocol):
 
 __all__: Sequence[str] = [
     "ChainEntry", "Conflict", "LifecycleAction", "LifecycleEvent", "NewSettlement", "NotFound", "RulesetVersionRecord",
-    "SettlementFilter", "SettlementRecord", "Store", "StoreError", "VersionStatus",
+    "SettlementFilter", "SettlementRecord", "Store", "StoreError", "VersionStatus", "VersionsChanged",
 ]  # fmt: skip

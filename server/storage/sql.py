@@ -73,6 +73,7 @@ from server.storage.interface import (
     SettlementFilter,
     SettlementRecord,
     StoreError,
+    VersionsChanged,
     VersionStatus,
 )
 
@@ -272,6 +273,7 @@ _OF_CONTRACT_PERIOD: Final = (
     settlements.c.contract_id == sa.bindparam("contract_id"),
     settlements.c.period_start == sa.bindparam("period_start"),
 )
+_VERSIONS_STAMP: Final = sa.select(sa.func.max(lifecycle_events.c.chain_seq)).where(lifecycle_events.c.tenant == sa.bindparam("tenant"))
 _LATEST_SETTLEMENT: Final = sa.select(settlements).where(*_OF_CONTRACT_PERIOD).order_by(settlements.c.revision.desc()).limit(1)
 
 
@@ -593,6 +595,12 @@ class SqlStore:
                     return record
         return None
 
+    def versions_stamp(self, tenant: str) -> int:
+        """The chain seq of the tenant's latest lifecycle event: every version created, approved
+        or retired adds one (one probe of the unique (tenant, chain_seq) index)."""
+        with self._reader.connect() as conn:
+            return int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0)
+
     def record_lifecycle(
         self, tenant: str, ruleset_id: str, version: int, action: LifecycleAction, principal: str, note: str = ""
     ) -> RulesetVersionRecord:
@@ -791,7 +799,9 @@ class SqlStore:
         )
         return record, row
 
-    def append_settlement(self, new: NewSettlement, supersedes: SettlementRecord | None, rebase: Rebase | None = None) -> SettlementRecord:
+    def append_settlement(
+        self, new: NewSettlement, supersedes: SettlementRecord | None, rebase: Rebase | None = None, versions_stamp: int | None = None
+    ) -> SettlementRecord:
         """Append the next revision of (tenant, contract_id, period_start) in one transaction.
 
         Checks, in this order, under the tenant's chain lock: the request id is new
@@ -800,9 +810,10 @@ class SqlStore:
         (EXPECTED_REVISION_MISMATCH); the latest revision is `supersedes` (REVISION_TAKEN).
         With `rebase`, a latest revision other than `supersedes` is no conflict: the new
         revision goes on top of it, with the deltas_json that `rebase(latest)` returns.
+        VersionsChanged when `versions_stamp` is set and the tenant's is no longer it.
         """
         try:
-            (outcome,) = self.append_settlements([Append(new, supersedes, rebase)])
+            (outcome,) = self.append_settlements([Append(new, supersedes, rebase, versions_stamp)])
         except IntegrityError as exc:  # a rule the checks above enforce, hit anyway: report it as they would
             if self.settlement_by_request(new.tenant, new.request_id) is not None:
                 raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled") from exc
@@ -818,7 +829,8 @@ class SqlStore:
         """Append several settlements of one tenant in one transaction, in order, each checked
         as `append_settlement` checks it (seeing the ones before it). One that fails a check
         is its Conflict in the result and stores nothing; the others commit together, with
-        one commit. Any other error rolls them all back."""
+        one commit. Any other error rolls them all back, and so does VersionsChanged (raised
+        when one of them has a `versions_stamp` other than the tenant's)."""
         if not appends:
             return []
         tenant = appends[0].new.tenant
@@ -829,8 +841,13 @@ class SqlStore:
         request_ids = sorted({append.new.request_id for append in appends})
         keys = sorted({(append.new.contract_id, append.new.period_start) for append in appends})
         outcomes: list[SettlementRecord | Conflict] = []
+        stamps = {append.versions_stamp for append in appends if append.versions_stamp is not None}
         with self._write(tenant) as chain:
             conn = chain.conn
+            if stamps:
+                current = int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0)
+                if stamps != {current}:
+                    raise VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen")
             # What the checks need, read at once under the lock, then kept up to date in
             # memory as the settlements are added: the request ids taken, and the latest
             # revision of each (contract, period).
