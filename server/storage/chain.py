@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+import orjson
+
 from server.storage.interface import ChainEntry
 
 GENESIS_HASH: Final = "0" * 64
@@ -66,6 +68,17 @@ def canonical_content(kind: str, row: Mapping[str, object]) -> bytes:
     """The canonical bytes of a record: every column except the hash columns; NULLs omitted."""
     columns = {name: canonical_value(value) for name, value in row.items() if name not in HASH_COLUMNS and value is not None}
     document = {"kind": kind, "row": columns}
+    try:
+        # orjson writes the same bytes as the json call below for a document whose text is
+        # ASCII below DEL (which json writes as-is) and whose integers fit 64 bits, in a
+        # tenth of the time; for anything else (it escapes nothing beyond control characters,
+        # quote and backslash) the json call says what the canonical form is.
+        fast = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        pass
+    else:
+        if fast.isascii() and b"\x7f" not in fast:
+            return fast
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
