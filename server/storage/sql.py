@@ -353,6 +353,24 @@ def _latest_revisions(conn: Connection, tenant: str, keys: Sequence[tuple[str, d
 _SETTLEMENTS_BY_ID: Final = sa.select(settlements).where(settlements.c.settlement_id.in_(sa.bindparam("settlement_ids", expanding=True)))
 
 
+_GROUP_COMMIT_MAX: Final = 250  # appends written by one group commit (see SqlStore.append_settlement)
+
+
+class _Queued:
+    """One `append_settlement` call waiting for a group commit, and what became of it."""
+
+    __slots__ = ("append", "done", "error", "outcome")
+
+    def __init__(self, append: Append) -> None:
+        self.append = append
+        self.done = False
+        self.outcome: SettlementRecord | Conflict | None = None
+        self.error: Exception | None = None
+
+    def finish(self, outcome: SettlementRecord | Conflict | None, error: Exception | None) -> None:
+        self.outcome, self.error, self.done = outcome, error, True
+
+
 class StoreBusy(StoreError):
     """The write lock was not had in time (another writer holds it); worth retrying (UNAVAILABLE)."""
 
@@ -421,6 +439,10 @@ class SqlStore:
         # SQLite has one writer at a time and its busy handler polls: the threads of this
         # process queue on a lock instead, and only other processes meet the busy handler.
         self._local_write_lock = None if self._postgres else threading.Lock()
+        # Group commit of append_settlement (see there): the queued calls and a lock per tenant.
+        self._queue_guard = threading.Lock()
+        self._queues: dict[str, list[_Queued]] = {}
+        self._combine_locks: dict[str, threading.Lock] = {}
         self._set_lock_timeout = sa.text(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout * 1000))}ms'")
         # Single-statement reads need no transaction around them: on PostgreSQL they run in
         # autocommit, which saves the BEGIN and ROLLBACK round trips of each one.
@@ -811,19 +833,79 @@ class SqlStore:
         With `rebase`, a latest revision other than `supersedes` is no conflict: the new
         revision goes on top of it, with the deltas_json that `rebase(latest)` returns.
         VersionsChanged when `versions_stamp` is set and the tenant's is no longer it.
+
+        Group commit: the appends that threads of this process make for one tenant while
+        another one is being written queue, and the next of them to get the tenant's lock
+        writes all the queued ones (up to _GROUP_COMMIT_MAX) in one transaction, each
+        checked as if alone, in queue order; every caller returns after the commit that
+        stored its own. If that transaction fails, each is tried again in a transaction of
+        its own, so that one bad value fails only its own call.
         """
+        entry = _Queued(Append(new, supersedes, rebase, versions_stamp))
+        tenant = new.tenant
+        with self._queue_guard:
+            queue = self._queues.setdefault(tenant, [])
+            lock = self._combine_locks.setdefault(tenant, threading.Lock())
+            queue.append(entry)
+        if not lock.acquire(timeout=self._lock_timeout):
+            with self._queue_guard:
+                if entry in queue:  # not taken by a writer: give up
+                    queue.remove(entry)
+                    raise StoreBusy(f"no write lock on the database within {self._lock_timeout:g} s")
+            lock.acquire()  # a writer has it: its answer is coming
         try:
-            (outcome,) = self.append_settlements([Append(new, supersedes, rebase, versions_stamp)])
-        except IntegrityError as exc:  # a rule the checks above enforce, hit anyway: report it as they would
-            if self.settlement_by_request(new.tenant, new.request_id) is not None:
-                raise Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled") from exc
-            current = self.latest_settlement(new.tenant, new.contract_id, new.period_start)
-            if (None if current is None else current.settlement_id) != (None if supersedes is None else supersedes.settlement_id):
-                raise Conflict("REVISION_TAKEN", f"the latest revision of {new.contract_id} has changed") from exc
-            raise
+            while not entry.done:
+                with self._queue_guard:
+                    group = queue[:_GROUP_COMMIT_MAX]
+                    del queue[: len(group)]
+                self._write_group(group)
+        finally:
+            lock.release()
+        if entry.error is not None:
+            raise entry.error
+        outcome = entry.outcome
         if isinstance(outcome, Conflict):
             raise outcome
+        assert outcome is not None
         return outcome
+
+    def _write_group(self, group: list[_Queued]) -> None:
+        """Settle the outcome of every entry of `group` (see `append_settlement`)."""
+        try:
+            outcomes = self._append_settlements([entry.append for entry in group], stamp_each=True)
+        except StoreBusy as exc:
+            for entry in group:
+                entry.finish(None, exc)
+            return
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].finish(None, self._explained(group[0].append, exc))
+                return
+            for entry in group:  # one at a time tells whose value it was
+                try:
+                    (outcome,) = self._append_settlements([entry.append], stamp_each=True)
+                except Exception as alone:
+                    entry.finish(None, self._explained(entry.append, alone))
+                else:
+                    entry.finish(outcome, None)
+            return
+        for entry, outcome in zip(group, outcomes, strict=True):
+            entry.finish(outcome, None)
+
+    def _explained(self, append: Append, exc: Exception) -> Exception:
+        """An IntegrityError (a rule the checks enforce, hit anyway) as the Conflict the checks would have raised."""
+        if not isinstance(exc, IntegrityError):
+            return exc
+        new, supersedes = append.new, append.supersedes
+        if self.settlement_by_request(new.tenant, new.request_id) is not None:
+            conflict = Conflict("DUPLICATE_REQUEST_ID", f"request id {new.request_id!r} is already settled")
+        else:
+            current = self.latest_settlement(new.tenant, new.contract_id, new.period_start)
+            if (None if current is None else current.settlement_id) == (None if supersedes is None else supersedes.settlement_id):
+                return exc
+            conflict = Conflict("REVISION_TAKEN", f"the latest revision of {new.contract_id} has changed")
+        conflict.__cause__ = exc
+        return conflict
 
     def append_settlements(self, appends: Sequence[Append]) -> list[SettlementRecord | Conflict]:
         """Append several settlements of one tenant in one transaction, in order, each checked
@@ -831,6 +913,11 @@ class SqlStore:
         is its Conflict in the result and stores nothing; the others commit together, with
         one commit. Any other error rolls them all back, and so does VersionsChanged (raised
         when one of them has a `versions_stamp` other than the tenant's)."""
+        return self._append_settlements(appends, stamp_each=False)
+
+    def _append_settlements(self, appends: Sequence[Append], stamp_each: bool) -> list[SettlementRecord | Conflict]:
+        """`append_settlements`; with `stamp_each`, a stale `versions_stamp` is that append's
+        VersionsChanged in the result instead of an error for them all."""
         if not appends:
             return []
         tenant = appends[0].new.tenant
@@ -844,9 +931,10 @@ class SqlStore:
         stamps = {append.versions_stamp for append in appends if append.versions_stamp is not None}
         with self._write(tenant) as chain:
             conn = chain.conn
+            current = 0
             if stamps:
                 current = int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0)
-                if stamps != {current}:
+                if stamps != {current} and not stamp_each:
                     raise VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen")
             # What the checks need, read at once under the lock, then kept up to date in
             # memory as the settlements are added: the request ids taken, and the latest
@@ -864,6 +952,9 @@ class SqlStore:
             added: dict[str, SettlementRecord] = {}
             rows: list[dict[str, object]] = []
             for append in appends:
+                if append.versions_stamp is not None and append.versions_stamp != current:  # only with stamp_each
+                    outcomes.append(VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen"))
+                    continue
                 try:
                     record, link = self._next_settlement(chain, append, taken, latest, added)
                 except Conflict as conflict:
