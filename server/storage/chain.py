@@ -66,7 +66,8 @@ def canonical_value(value: object) -> object:
 
 def canonical_content(kind: str, row: Mapping[str, object]) -> bytes:
     """The canonical bytes of a record: every column except the hash columns; NULLs omitted."""
-    columns = {name: canonical_value(value) for name, value in row.items() if name not in HASH_COLUMNS and value is not None}
+    # str(name): column names may be a str subclass (SQLAlchemy's quoted_name), which orjson takes for no key
+    columns = {str(name): canonical_value(value) for name, value in row.items() if name not in HASH_COLUMNS and value is not None}
     document = {"kind": kind, "row": columns}
     try:
         # orjson writes the same bytes as the json call below for a document whose text is
