@@ -472,7 +472,8 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
             answered = 0
             # the caller went away or the deadline passed: settle nothing more
             for item, outcome in zip(batch.items, self._settler.settle_many(principal, batch.items, context.is_active), strict=False):
-                result = ss.SettleBatchResult(request_id=item.request_id, item_index=index)
+                # made in place: appending a finished result would copy it once more
+                result = response.results.add(request_id=item.request_id, item_index=index)
                 index += 1
                 answered += 1
                 if isinstance(outcome, Exception):  # every item gets an answer; the stream goes on
@@ -480,7 +481,6 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
                 else:
                     result.settlement.CopyFrom(outcome.message())
                     result.deduplicated = outcome.deduplicated
-                response.results.append(result)
                 size += result.ByteSize()
                 if size > MAX_RESPONSE_BYTES:  # answers of one message may span several responses
                     yield response
