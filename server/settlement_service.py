@@ -139,10 +139,13 @@ class Settler:
             if draft is None:
                 try:
                     draft = self._draft(principal, request, None)
-                except Exception:
+                except Exception as error:
                     # Idempotency (AIP-155): a retry gets the stored decision even if it would
                     # no longer compute (the version in effect has changed since, …).
-                    existing = self._store.settlement_by_request(tenant, request_id)
+                    try:
+                        existing = self._store.settlement_by_request(tenant, request_id)
+                    except Exception:
+                        raise error from None  # the store is unreachable or the like: the first failure says so
                     if existing is not None:
                         return self._replayed(existing, request.fingerprint)
                     raise
