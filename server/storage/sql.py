@@ -274,6 +274,23 @@ _OF_CONTRACT_PERIOD: Final = (
     settlements.c.period_start == sa.bindparam("period_start"),
 )
 _VERSIONS_STAMP: Final = sa.select(sa.func.max(lifecycle_events.c.chain_seq)).where(lifecycle_events.c.tenant == sa.bindparam("tenant"))
+_LATEST_OF_KEY: Final = (
+    sa.select(settlements.c.settlement_id, settlements.c.revision)
+    .where(*_OF_CONTRACT_PERIOD)
+    .order_by(settlements.c.revision.desc())
+    .limit(1)
+)
+#: Under the write lock, what one new settlement's checks need: the tenant's versions stamp,
+#: whether its request id is taken, and the latest revision of its contract period.
+_SINGLE_CHECKS: Final = sa.select(
+    _VERSIONS_STAMP.scalar_subquery().label("stamp"),
+    sa.select(settlements.c.settlement_id)
+    .where(settlements.c.tenant == sa.bindparam("tenant"), settlements.c.request_id == sa.bindparam("request_id"))
+    .scalar_subquery()
+    .label("taken"),
+    _LATEST_OF_KEY.with_only_columns(settlements.c.settlement_id).scalar_subquery().label("latest_id"),
+    _LATEST_OF_KEY.with_only_columns(settlements.c.revision).scalar_subquery().label("latest_revision"),
+)
 _LATEST_SETTLEMENT: Final = sa.select(settlements).where(*_OF_CONTRACT_PERIOD).order_by(settlements.c.revision.desc()).limit(1)
 
 
@@ -967,24 +984,32 @@ class SqlStore:
         stamps = {append.versions_stamp for append in appends if append.versions_stamp is not None}
         with self._write(tenant) as chain:
             conn = chain.conn
-            current = 0
-            if stamps:
-                current = int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0)
-                if stamps != {current} and not stamp_each:
-                    raise VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen")
-            # What the checks need, read at once under the lock, then kept up to date in
-            # memory as the settlements are added: the request ids taken, and the latest
-            # revision of each (contract, period).
             taken: set[str] = set()
-            for start in range(0, len(request_ids), _KEYS_PER_QUERY):
-                for row in _settled_ids(conn, tenant, request_ids[start : start + _KEYS_PER_QUERY]):
-                    if row.settlement_id is not None:
-                        taken.add(row.request_id)
             latest: dict[tuple[str, datetime.date], tuple[str, int]] = {}
-            for start in range(0, len(keys), _KEYS_PER_QUERY):
-                for row in _latest_revisions(conn, tenant, keys[start : start + _KEYS_PER_QUERY]):
-                    if row.settlement_id is not None:
-                        latest[(row.contract_id, row.period_start)] = (row.settlement_id, int(row.revision))
+            if len(appends) == 1:  # a Settle: what its checks need in one statement
+                ((contract_id, period_start),) = keys
+                params = {"tenant": tenant, "request_id": request_ids[0], "contract_id": contract_id, "period_start": period_start}
+                checks = conn.execute(_SINGLE_CHECKS, params).one()
+                current = int(checks.stamp or 0)
+                if checks.taken is not None:
+                    taken.add(request_ids[0])
+                if checks.latest_id is not None:
+                    latest[(contract_id, period_start)] = (checks.latest_id, int(checks.latest_revision))
+            else:
+                current = int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0) if stamps else 0
+                # What the checks need, read at once under the lock, then kept up to date in
+                # memory as the settlements are added: the request ids taken, and the latest
+                # revision of each (contract, period).
+                for start in range(0, len(request_ids), _KEYS_PER_QUERY):
+                    for row in _settled_ids(conn, tenant, request_ids[start : start + _KEYS_PER_QUERY]):
+                        if row.settlement_id is not None:
+                            taken.add(row.request_id)
+                for start in range(0, len(keys), _KEYS_PER_QUERY):
+                    for row in _latest_revisions(conn, tenant, keys[start : start + _KEYS_PER_QUERY]):
+                        if row.settlement_id is not None:
+                            latest[(row.contract_id, row.period_start)] = (row.settlement_id, int(row.revision))
+            if stamps and stamps != {current} and not stamp_each:
+                raise VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen")
             added: dict[str, SettlementRecord] = {}
             rows: list[dict[str, object]] = []
             for append in appends:
