@@ -444,6 +444,30 @@ def _check_date(value: object, name: str) -> None:
         raise TypeError(f"{name} must be a datetime.date")
 
 
+_LOCK_TIMEOUT_SET: Final = "kpisettle_lock_timeout"
+
+
+def _set_lock_timeout_on_checkout(engine: Engine, lock_timeout: float) -> None:
+    """PostgreSQL: every connection of the store's pool waits at most `lock_timeout` for a
+    lock (the tenant's chain row), set once per connection rather than with a SET LOCAL
+    round trip in every write transaction. Reads take no row locks; a read that waits on a
+    table lock (a migration's DDL) fails after the same time instead of waiting forever."""
+    statement = f"SET lock_timeout = '{max(1, int(lock_timeout * 1000))}ms'"
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get(_LOCK_TIMEOUT_SET) == statement:
+            return
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+        finally:
+            cursor.close()
+        if not dbapi_connection.autocommit:
+            dbapi_connection.commit()  # a session setting: it outlives the pool's rollback on return
+        record.info[_LOCK_TIMEOUT_SET] = statement
+
+
 class SqlStore:
     """`server.storage.interface.Store` on SQLAlchemy 2 (SQLite or PostgreSQL). Thread-safe."""
 
@@ -464,7 +488,8 @@ class SqlStore:
         self._queue_guard = threading.Lock()
         self._queues: dict[str, list[_Queued]] = {}
         self._combine_locks: dict[str, threading.Lock] = {}
-        self._set_lock_timeout = sa.text(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout * 1000))}ms'")
+        if self._postgres:
+            _set_lock_timeout_on_checkout(engine, lock_timeout)
         # Single-statement reads need no transaction around them: on PostgreSQL they run in
         # autocommit, which saves the BEGIN and ROLLBACK round trips of each one.
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._postgres else engine
@@ -504,8 +529,7 @@ class SqlStore:
         try:
             with self._write_transaction() as conn:
                 params = {"tenant": tenant}
-                if self._postgres:
-                    conn.execute(self._set_lock_timeout)
+                if self._postgres:  # lock_timeout is the session's (see _set_lock_timeout_on_checkout)
                     row = conn.execute(_HEAD_FOR_UPDATE, params).one_or_none()
                     if row is None:
                         conn.execute(
