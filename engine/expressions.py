@@ -595,10 +595,10 @@ def shown_value(value: Decimal, places: int) -> str:
     Never rounds: a value just above a threshold must not read as equal to it.
     """
     try:
-        shown = value.quantize(_QUANTA[places], rounding=ROUND_DOWN, context=ARITHMETIC)
+        shown = value.quantize(_QUANTA[places], ROUND_DOWN, ARITHMETIC)  # positional: keywords cost more than the call
         if shown == value:
             return plain(shown)
-        longer = value.quantize(_QUANTA[places + EVIDENCE_EXTRA_PLACES], rounding=ROUND_DOWN, context=ARITHMETIC)
+        longer = value.quantize(_QUANTA[places + EVIDENCE_EXTRA_PLACES], ROUND_DOWN, ARITHMETIC)
     except InvalidOperation:  # more digits than exact arithmetic keeps: show it as it is
         return plain(value)
     return plain(value) if longer == value else plain(longer) + "…"
