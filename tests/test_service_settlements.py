@@ -1095,3 +1095,29 @@ def test_a_restarted_server_keeps_everything(running: Running, tmp_path: Path) -
         breakdown = client.call("GetFeeBreakdown", ss.GetFeeBreakdownRequest(name=third.name), "billing")
         assert (breakdown.previous_total.amount, breakdown.total_delta.amount) == ("5650.00", "6300.05")
     assert records(running.client) == US_LINKS + 3
+
+
+def test_a_version_approved_or_retired_through_another_process_is_used_by_the_next_settlement(running: Running) -> None:
+    """The server keeps the version in effect per tenant; a lifecycle change made through
+    another server process on the same database must still decide the next Settle and
+    SettleBatch item here (and a retry of an earlier request still gets its stored decision)."""
+    load_us(running.client)
+    here = running.client
+    first = here.settle("v-1", ex1("C-v1")).settlement
+    assert first.ruleset_version == f"{US}/versions/1"
+    renamed = US_SOURCE.replace("title: US managed store, standard terms", "title: US managed store, standard terms (v2)")
+    with server_processes(running, 1) as (there,):
+        draft = there.call("CreateRulesetVersion", rs.CreateRulesetVersionRequest(source=renamed), "admin").ruleset_version
+        assert here.settle("v-2", ex1("C-v2")).settlement.ruleset_version == f"{US}/versions/1"  # a draft decides nothing
+        there.call("ApproveRulesetVersion", rs.ApproveRulesetVersionRequest(name=draft.name), "compliance")
+        assert here.settle("v-3", ex1("C-v3")).settlement.ruleset_version == draft.name
+        there.call("RetireRulesetVersion", rs.RetireRulesetVersionRequest(name=draft.name), "compliance")
+        batch = ss.SettleBatchRequest(items=[ss.SettleBatchItem(request_id=f"v-b{i}", input=ex1(f"C-b{i}")) for i in range(3)])
+        answers = [result for response in here.settlements.SettleBatch(iter([batch]), metadata=running.callers["erp"].metadata, timeout=30)
+                   for result in response.results]  # fmt: skip
+        assert [result.settlement.ruleset_version for result in answers] == [f"{US}/versions/1"] * 3
+        there.call("RetireRulesetVersion", rs.RetireRulesetVersionRequest(name=f"{US}/versions/1"), "compliance")
+        again = here.settle("v-1", ex1("C-v1"))
+        assert again.deduplicated and again.settlement == first
+        fails(lambda: here.settle("v-4", ex1("C-v4")), grpc.StatusCode.FAILED_PRECONDITION, "NO_VERSION_IN_EFFECT")
+    records(here)
