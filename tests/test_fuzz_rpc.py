@@ -136,7 +136,7 @@ class Run:
     stream: tuple[int, int]  # the long SettleBatch stream: messages, items per message
 
 
-DEFAULT_RUN = {"sqlite": Run(100, 45, 240, (3, 350)), "postgresql": Run(50, 25, 50, (2, 200))}
+DEFAULT_RUN = {"sqlite": Run(100, 45, 300, (3, 350)), "postgresql": Run(50, 25, 60, (2, 200))}
 LONG_RUN = Run(4_400, 2_000, 10_200, (10, 1000))
 
 
