@@ -46,8 +46,20 @@ def from_date(value: datetime.date | str) -> date_pb2.Date:
 
 def timestamp(value: datetime.datetime) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromDatetime(value.astimezone(datetime.UTC))
+    _set_timestamp(stamp, value)
     return stamp
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _set_timestamp(stamp: Timestamp, value: datetime.datetime) -> None:
+    """Seconds and nanos since the epoch, set directly (FromDatetime converts through a time tuple)."""
+    if value.tzinfo is None:  # local time, as astimezone takes it
+        value = value.astimezone(datetime.UTC)
+    since = value - _EPOCH
+    stamp.seconds = since.days * 86400 + since.seconds
+    stamp.nanos = since.microseconds * 1000
 
 
 # ------------------------------------------------------------------ names
@@ -269,77 +281,97 @@ def settlement_message(
     record: SettlementRecord | None,
     deltas: Sequence[Mapping[str, str]],
     input_json: bytes,
+    into: pb.Settlement | None = None,
 ) -> pb.Settlement:
-    """A Settlement from the decision (values and its canonical bytes, as stored) and, when stored, its record."""
+    """A Settlement from the decision (values and its canonical bytes, as stored) and, when stored, its record.
+
+    Filled into `into` (an empty message, e.g. a response's field) when given, saving a copy:
+    this runs once per settled item, so it sets fields one by one rather than building
+    nested messages from keyword arguments."""
+    message = pb.Settlement() if into is None else into
     currency = decision["currency"]
-    message = pb.Settlement(
-        market=decision["market"],
-        period_start_date=from_date(decision["period"]["start"]),
-        period_end_date=from_date(decision["period"]["end"]),
-        ruleset_version=version_name(decision["ruleset"]["id"], decision["ruleset"]["version"] or 0),
-        ruleset_content_hash=decision["ruleset"]["content_hash"],
-        engine_version=decision["engine_version"],
-        currency_code=currency,
-        total=pb.Money(amount=decision["total"], currency_code=currency),
-        lines=[
-            pb.Line(
-                id=line["id"],
-                kind=line["kind"],
-                label=line["label"]["en"],
-                label_zh=line["label"]["zh"],
-                basis=line["basis"] or "",
-                rate=line["rate"] or "",
-                exact_amount=line["exact"],
-                amount=pb.Money(amount=line["amount"], currency_code=currency),
-                waived_by=line["waived_by"],
-            )
-            for line in decision["lines"]
-        ],
-        deltas=[pb.LineDelta(**delta) for delta in deltas],
-        exemptions=[pb.ExemptionOutcome(name=e["name"], applied=e["applied"], evidence=e["evidence"]) for e in decision["exemptions"]],
-        kpis=[pb.KpiValue(name=k["name"], value=k["value"]) for k in decision["kpis"]],
-        rules=[pb.RuleOutcome(rule=r["rule"], kind=r["kind"], fired=r["fired"], evidence=r["evidence"]) for r in decision["rules"]],
-        warnings=[
-            pb.SettlementWarning(id=w["id"], message=w["message"]["en"], message_zh=w["message"]["zh"], evidence=w["evidence"])
-            for w in decision["warnings"]
-        ],
-        fx_conversions=[
-            pb.FxConversion(
-                metric=f["metric"],
-                rate=_fx_rate(f),
-                amount=f["amount"],
-                converted_amount=f["converted"],
-            )
-            for f in decision["fx_rates"]
-        ],
-        input_json=input_json.decode("utf-8"),
-        decision_json=decision_json.decode("utf-8"),
-    )
+    ruleset = decision["ruleset"]
+    period = decision["period"]
+    message.market = decision["market"]
+    _set_date(message.period_start_date, period["start"])
+    _set_date(message.period_end_date, period["end"])
+    message.ruleset_version = version_name(ruleset["id"], ruleset["version"] or 0)
+    message.ruleset_content_hash = ruleset["content_hash"]
+    message.engine_version = decision["engine_version"]
+    message.currency_code = currency
+    total = message.total
+    total.amount = decision["total"]
+    total.currency_code = currency
+    lines = message.lines
+    for line in decision["lines"]:
+        label = line["label"]
+        out = lines.add(
+            id=line["id"],
+            kind=line["kind"],
+            label=label["en"],
+            label_zh=label["zh"],
+            basis=line["basis"] or "",
+            rate=line["rate"] or "",
+            exact_amount=line["exact"],
+            waived_by=line["waived_by"],
+        )
+        amount = out.amount
+        amount.amount = line["amount"]
+        amount.currency_code = currency
+    add_delta = message.deltas.add
+    for delta in deltas:
+        add_delta(**delta)
+    add_exemption = message.exemptions.add
+    for e in decision["exemptions"]:
+        add_exemption(name=e["name"], applied=e["applied"], evidence=e["evidence"])
+    add_kpi = message.kpis.add
+    for k in decision["kpis"]:
+        add_kpi(name=k["name"], value=k["value"])
+    add_rule = message.rules.add
+    for r in decision["rules"]:
+        add_rule(rule=r["rule"], kind=r["kind"], fired=r["fired"], evidence=r["evidence"])
+    add_warning = message.warnings.add
+    for w in decision["warnings"]:
+        text = w["message"]
+        add_warning(id=w["id"], message=text["en"], message_zh=text["zh"], evidence=w["evidence"])
+    for f in decision["fx_rates"]:
+        conversion = message.fx_conversions.add(metric=f["metric"], amount=f["amount"], converted_amount=f["converted"])
+        _fill_fx_rate(conversion.rate, f)
+    message.input_json = input_json.decode("utf-8")
+    message.decision_json = decision_json.decode("utf-8")
     if record is not None:
         data = record.data
         message.name = f"settlements/{record.settlement_id}"
         message.contract_id = data.contract_id
         message.seller_id = data.seller_id
         message.revision = record.revision
-        message.supersedes = f"settlements/{record.supersedes_id}" if record.supersedes_id else ""
+        if record.supersedes_id:
+            message.supersedes = f"settlements/{record.supersedes_id}"
         message.request_id = data.request_id
         message.principal = data.principal
         message.chain_sequence = record.chain_seq
         message.record_hash = record.record_hash
         message.previous_hash = record.previous_hash
-        message.create_time.CopyFrom(timestamp(record.create_time))
+        _set_timestamp(message.create_time, record.create_time)
     return message
 
 
-def _fx_rate(used: Mapping[str, Any]) -> pb.FxRate:
+def _set_date(field: date_pb2.Date, value: str) -> None:
+    day = datetime.date.fromisoformat(value)
+    field.year, field.month, field.day = day.year, day.month, day.day
+
+
+def _fill_fx_rate(rate: pb.FxRate, used: Mapping[str, Any]) -> None:
     """An FX rate the decision used, with the day it is quoted for when the request gave one."""
-    rate = pb.FxRate(base_currency_code=used["base"], quote_currency_code=used["quote"], rate=used["rate"], source=used["source"])
+    rate.base_currency_code = used["base"]
+    rate.quote_currency_code = used["quote"]
+    rate.rate = used["rate"]
+    rate.source = used["source"]
     try:
         if used.get("as_of"):
-            rate.as_of_date.CopyFrom(from_date(used["as_of"]))
+            _set_date(rate.as_of_date, used["as_of"])
     except ValueError:
         pass  # recorded in decision_json as given
-    return rate
 
 
 def line_deltas(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[dict[str, str]]:

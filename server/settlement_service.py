@@ -62,9 +62,10 @@ class Settled:
         """A stored record with its decision and deltas read back."""
         return cls(record, convert.load_json(record.data.decision_json), convert.load_json(record.data.deltas_json), deduplicated)
 
-    def message(self) -> pb.Settlement:
+    def message(self, into: pb.Settlement | None = None) -> pb.Settlement:
+        """The Settlement, filled into `into` (an empty field of a response) when given: no copy."""
         data = self.record.data
-        return convert.settlement_message(self.decision, data.decision_json, self.record, self.deltas, data.request_json)
+        return convert.settlement_message(self.decision, data.decision_json, self.record, self.deltas, data.request_json, into)
 
 
 @dataclass(frozen=True)
@@ -457,7 +458,9 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
     def Settle(self, request: ss.SettleRequest, context: grpc.ServicerContext) -> ss.SettleResponse:
         expected = request.expected_revision if request.HasField("expected_revision") else None
         settled = self._settler.settle(current_principal(), request.request_id, request.input, expected)
-        return ss.SettleResponse(settlement=settled.message(), deduplicated=settled.deduplicated)
+        response = ss.SettleResponse(deduplicated=settled.deduplicated)
+        settled.message(response.settlement)
+        return response
 
     def SettleBatch(self, requests: Iterator[ss.SettleBatchRequest], context: grpc.ServicerContext) -> Iterator[ss.SettleBatchResponse]:
         principal = current_principal()
@@ -482,7 +485,7 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
                 if isinstance(outcome, Exception):  # every item gets an answer; the stream goes on
                     result.error.CopyFrom(to_status(outcome))
                 else:
-                    result.settlement.CopyFrom(outcome.message())
+                    outcome.message(result.settlement)
                     result.deduplicated = outcome.deduplicated
                 size += result.ByteSize()
                 if size > MAX_RESPONSE_BYTES:  # answers of one message may span several responses
@@ -546,8 +549,10 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
             next_token = encode_token(
                 "settlements", [last.data.period_start.isoformat(), last.data.contract_id, last.revision, _filter_digest(where)]
             )
-        messages = [Settled.of(r).message() for r in records]
-        return ss.ListSettlementsResponse(settlements=messages, next_page_token=next_token)
+        response = ss.ListSettlementsResponse(next_page_token=next_token)
+        for record in records:
+            Settled.of(record).message(response.settlements.add())
+        return response
 
     @rpc_errors
     def GetFeeBreakdown(self, request: ss.GetFeeBreakdownRequest, context: grpc.ServicerContext) -> ss.GetFeeBreakdownResponse:
