@@ -107,7 +107,10 @@ def settlement_id(name: str, field: str = "name") -> str:
 
 
 def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
-    """The input as plain values: stored verbatim and hashed for idempotency."""
+    """The input as plain values: stored verbatim and hashed for idempotency.
+
+    Maps are read by sorted key (cheaper than sorting their items' message wrappers)."""
+    metrics, params = message.metrics, message.params
     return {
         "contract_id": message.contract_id,
         "seller_id": message.seller_id,
@@ -115,8 +118,8 @@ def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
         "period_start_date": date_text(message.period_start_date),
         "period_end_date": date_text(message.period_end_date) if message.HasField("period_end_date") else None,
         "ruleset": message.ruleset,
-        "metrics": {k: {"value": v.value, "currency_code": v.currency_code} for k, v in sorted(message.metrics.items())},
-        "params": dict(sorted(message.params.items())),
+        "metrics": {k: {"value": (v := metrics[k]).value, "currency_code": v.currency_code} for k in sorted(metrics)},
+        "params": {k: params[k] for k in sorted(params)},
         "fx_rates": [
             {
                 "base_currency_code": r.base_currency_code,
@@ -302,34 +305,45 @@ def settlement_message(
     total = message.total
     total.amount = decision["total"]
     total.currency_code = currency
-    lines = message.lines
+    add_line = message.lines.add
     for line in decision["lines"]:
         label = line["label"]
-        out = lines.add(
-            id=line["id"],
-            kind=line["kind"],
-            label=label["en"],
-            label_zh=label["zh"],
-            basis=line["basis"] or "",
-            rate=line["rate"] or "",
-            exact_amount=line["exact"],
-            waived_by=line["waived_by"],
-        )
+        out = add_line()
+        out.id = line["id"]
+        out.kind = line["kind"]
+        out.label = label["en"]
+        out.label_zh = label["zh"]
+        if line["basis"]:  # empty strings are proto3's default: nothing to set
+            out.basis = line["basis"]
+        if line["rate"]:
+            out.rate = line["rate"]
+        out.exact_amount = line["exact"]
         amount = out.amount
         amount.amount = line["amount"]
         amount.currency_code = currency
+        if line["waived_by"]:
+            out.waived_by.extend(line["waived_by"])
     add_delta = message.deltas.add
     for delta in deltas:
         add_delta(**delta)
     add_exemption = message.exemptions.add
     for e in decision["exemptions"]:
-        add_exemption(name=e["name"], applied=e["applied"], evidence=e["evidence"])
+        exemption = add_exemption()
+        exemption.name = e["name"]
+        exemption.applied = e["applied"]
+        exemption.evidence = e["evidence"]
     add_kpi = message.kpis.add
     for k in decision["kpis"]:
-        add_kpi(name=k["name"], value=k["value"])
+        kpi = add_kpi()
+        kpi.name = k["name"]
+        kpi.value = k["value"]
     add_rule = message.rules.add
     for r in decision["rules"]:
-        add_rule(rule=r["rule"], kind=r["kind"], fired=r["fired"], evidence=r["evidence"])
+        rule = add_rule()
+        rule.rule = r["rule"]
+        rule.kind = r["kind"]
+        rule.fired = r["fired"]
+        rule.evidence = r["evidence"]
     add_warning = message.warnings.add
     for w in decision["warnings"]:
         text = w["message"]
