@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -621,17 +622,38 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
 
     @rpc_errors
     def VerifyAuditLog(self, request: ss.VerifyAuditLogRequest, context: grpc.ServicerContext) -> ss.VerifyAuditLogResponse:
-        report = self._store.verify_tenant_chain(current_principal().tenant)
+        anchor = audit_anchor(request)
+        report = self._store.verify_tenant_chain(current_principal().tenant, anchor)
+        head_sequence, head_hash = report.head or (0, "")
         problem = report.problem
         if problem is None:
-            return ss.VerifyAuditLogResponse(ok=True, records_checked=report.records)
+            return ss.VerifyAuditLogResponse(ok=True, records_checked=report.records, head_sequence=head_sequence, head_hash=head_hash)
         return ss.VerifyAuditLogResponse(
             ok=False,
             records_checked=report.records,
             failed_sequence=problem.chain_seq,
             failure=problem.kind.value,
-            failed_record=chain_record_name(problem.key),
+            failed_record=chain_record_name(problem.key) if problem.key else "",
+            head_sequence=head_sequence,
+            head_hash=head_hash,
         )
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def audit_anchor(request: ss.VerifyAuditLogRequest) -> tuple[int, str] | None:
+    """The (sequence, hash) the chain must still hold, or None when the request names no anchor."""
+    if request.anchor_sequence == 0 and not request.anchor_hash:
+        return None
+    violations = []
+    if request.anchor_sequence < 1:
+        violations.append(Violation("anchor_sequence", "a chain position counts from 1", "request.anchor"))
+    if not _HEX64.fullmatch(request.anchor_hash):
+        violations.append(Violation("anchor_hash", "64 lowercase hex digits (a head_hash of an earlier verification)", "request.anchor"))
+    if violations:
+        raise invalid("the audit anchor is invalid", violations, "ANCHOR_INVALID")
+    return request.anchor_sequence, request.anchor_hash
 
 
 def _filter_digest(where: SettlementFilter) -> str:

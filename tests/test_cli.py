@@ -132,9 +132,16 @@ def test_settle_read_explain_and_audit_in_every_format(running: Running, capsys:
     assert code == code_en == 0 and zh.strip() and any("\u4e00" <= ch <= "\u9fff" for ch in zh)
     assert json.loads(en)["language"] == "en" and json.loads(en)["sentences"]
 
-    # audit
+    # audit, and again against the head kept from the first verification
     code, out, _ = cli(capsys, *as_(running, "compliance", "audit", "verify"))
     assert code == 0 and summary(out)["ok"] == "true"
+    head = summary(out)["head"]
+    code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", "audit", "verify", "--anchor", head))
+    assert code == 0 and f"{json.loads(out)['head_sequence']}:{json.loads(out)['head_hash']}" == head
+    code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", "audit", "verify", "--anchor", head[:-1] + "x"))
+    assert code == 2
+    code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", "audit", "verify", "--anchor", "1:" + "0" * 64))
+    assert code == 1 and json.loads(out)["failure"] == "ANCHOR_MISMATCH"
     code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", "audit", "replay", name, second))
     assert code == 0 and [r["match"] for r in json.loads(out)] == [True, True]
 

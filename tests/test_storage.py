@@ -693,3 +693,20 @@ def test_two_processes_append_to_one_chain(new_database_url: str, tenant: str) -
         assert_chain_ok(store, tenant, len(rows) + 2 * len(versions))
     finally:
         store.close()
+
+
+def test_an_anchor_must_still_be_in_the_chain() -> None:
+    from server.storage.interface import ChainEntry
+
+    entries, previous = [], GENESIS_HASH
+    for seq in (1, 2, 3):
+        content = f"content-{seq}".encode()
+        entries.append(ChainEntry(seq, "settlement", f"k{seq}", content, link_hash(previous, content), previous))
+        previous = entries[-1].record_hash
+    head = (3, previous)
+    assert verify_chain(entries, head, (2, entries[1].record_hash)) is None
+    wrong = verify_chain(entries, head, (2, "0" * 64))
+    assert wrong is not None and (wrong.kind, wrong.chain_seq, wrong.key) == (ChainProblemKind.ANCHOR_MISMATCH, 2, entries[1].key)
+    gone = verify_chain(entries, head, (4, "0" * 64))
+    assert gone is not None and (gone.kind, gone.chain_seq) == (ChainProblemKind.ANCHOR_MISMATCH, 4)
+    assert verify_chain([], None, (1, "0" * 64)) is not None

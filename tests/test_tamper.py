@@ -18,7 +18,8 @@ where the chain breaks, and report nothing once the rows are back as they were:
 What a hash chain kept in the same database cannot show (README, Reliability): a writer who
 appends correctly hashed links *and* moves the stored head, or rewrites the whole chain,
 or removes a tenant's every record together with its head. An auditor who keeps the head
-(sequence and hash) elsewhere detects those too.
+(`head_sequence`, `head_hash`) elsewhere and passes it back as the anchor of a later
+`VerifyAuditLog` detects those too (ANCHOR_MISMATCH; the last tests below).
 
 Stored ruleset versions never change through the API either: re-creating the same text
 makes a new version; approving twice, approving a retired version, retiring twice are
@@ -311,7 +312,7 @@ def test_every_record_deleted_is_detected(chain: Chain) -> None:
 
 
 def test_deleting_the_newest_records_and_moving_the_head_back_is_seen_against_a_kept_head(chain: Chain) -> None:
-    kept = chain.audit()  # what an auditor writes down: records checked (and the head, see the module docstring)
+    kept = chain.audit()  # what an auditor writes down: records checked and the head (see the anchor tests below)
     ninth = chain.links[8][1]
     with chain.unguarded() as conn:
         conn.execute(lifecycle_events.delete().where(lifecycle_events.c.tenant == chain.tenant, lifecycle_events.c.chain_seq == 10))
@@ -614,3 +615,48 @@ def test_stored_ruleset_versions_never_change_through_the_api(running: Running) 
         )  # v1 and its events, the settlement, v2 created and approved, v3 created and retired
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- anchors kept outside the database
+
+
+def test_a_chain_rewritten_with_recomputed_hashes_is_seen_only_against_an_anchor_kept_elsewhere(chain: Chain) -> None:
+    """Rewriting s2 (seq 7) and re-hashing every later link, head moved along, verifies on its
+    own; the head an auditor kept from an earlier verification shows it (ANCHOR_MISMATCH)."""
+    kept = chain.audit()
+    assert kept.ok and (kept.head_sequence, kept.head_hash) == (10, chain.head["last_hash"])
+    anchor = ss.VerifyAuditLogRequest(anchor_sequence=kept.head_sequence, anchor_hash=kept.head_hash)
+    assert chain.client.call("VerifyAuditLog", anchor, "compliance").ok
+    links = chain.links
+    previous_hash = links[5][1]["record_hash"]
+    rewritten: list[tuple[str, Row]] = []
+    for table, row in links[6:]:
+        values = {"total": "1.00"} if table == "settlements" and row["chain_seq"] == 7 else {}
+        forged = chain.forge(table, row, int(row["chain_seq"]), previous_hash, **values)
+        rewritten.append((table, forged))
+        previous_hash = forged["record_hash"]
+    with chain.unguarded() as conn:
+        for table, row in rewritten:
+            t = TABLES[table]
+            conn.execute(t.delete().where(t.c.tenant == chain.tenant, t.c.chain_seq == row["chain_seq"]))
+            conn.execute(t.insert(), [row])
+        conn.execute(chain_heads.update().where(chain_heads.c.tenant == chain.tenant).values(last_hash=previous_hash))
+    alone = chain.audit()
+    assert alone.ok and alone.head_hash == previous_hash != kept.head_hash  # consistent in itself
+    report = chain.client.call("VerifyAuditLog", anchor, "compliance")
+    assert (report.ok, report.failure, report.failed_sequence) == (False, "ANCHOR_MISMATCH", 10), report
+    earlier = ss.VerifyAuditLogRequest(anchor_sequence=6, anchor_hash=links[5][1]["record_hash"])
+    assert chain.client.call("VerifyAuditLog", earlier, "compliance").ok  # what came before the rewrite is intact
+    chain.restore()
+
+
+def test_an_anchor_past_a_truncated_chain_is_reported(chain: Chain) -> None:
+    kept = chain.audit()
+    ninth = chain.links[8][1]
+    with chain.unguarded() as conn:
+        conn.execute(lifecycle_events.delete().where(lifecycle_events.c.tenant == chain.tenant, lifecycle_events.c.chain_seq == 10))
+        conn.execute(chain_heads.update().where(chain_heads.c.tenant == chain.tenant).values(last_seq=9, last_hash=ninth["record_hash"]))
+    anchor = ss.VerifyAuditLogRequest(anchor_sequence=kept.head_sequence, anchor_hash=kept.head_hash)
+    report = chain.client.call("VerifyAuditLog", anchor, "compliance")
+    assert (report.ok, report.failure, report.failed_sequence, report.head_sequence) == (False, "ANCHOR_MISMATCH", 10, 9), report
+    chain.restore()

@@ -7,7 +7,7 @@
            --ruleset us-managed-standard --metric NAME=VALUE ... --param NAME=VALUE ...
     settle --batch rows.csv|rows.jsonl [--results OUT.jsonl|OUT.csv] [--items-per-message N]
     get NAME · list [filters] · breakdown NAME · explain NAME [--language en|zh]
-    audit verify · audit replay NAME...
+    audit verify [--anchor SEQ:HASH] · audit replay NAME...
     export lines|deltas --from D --to D [--market M] [--contract C] [--seller S] [--ruleset R]
            [--skip-zero] [--output FILE]  (billing; see clients/cli/export.py for the columns)
     rulesets validate FILE... (offline) · create FILE · approve NAME · retire NAME
@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="verify the audit chain, replay decisions")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
-    audit_commands.add_parser("verify", help="walk the tenant's hash chain")
+    verify = audit_commands.add_parser("verify", help="walk the tenant's hash chain")
+    verify.add_argument(
+        "--anchor", metavar="SEQ:HASH", help="a head printed by an earlier verify, kept elsewhere: the chain must still hold it"
+    )
     audit_commands.add_parser("replay", help="recompute stored decisions and compare").add_argument("names", nargs="+", metavar="NAME")
 
     rulesets = commands.add_parser("rulesets", help="validate, create, review and approve rulesets")
@@ -231,9 +234,16 @@ def _list(client: KpisettleClient, args: argparse.Namespace) -> tuple[Report, in
     return views.settlements(list(items)), OK
 
 
+def parse_anchor(text: str) -> tuple[int, str]:
+    sequence, _, digest = text.partition(":")
+    if not sequence.isdigit() or int(sequence) < 1 or len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise UsageError(f"--anchor: expected SEQ:HASH (a position and 64 lowercase hex digits), got {text!r}")
+    return int(sequence), digest
+
+
 def _audit(client: KpisettleClient, args: argparse.Namespace) -> tuple[Report, int]:
     if args.audit_command == "verify":
-        report = client.verify_audit_log()
+        report = client.verify_audit_log(anchor=parse_anchor(args.anchor) if args.anchor else None)
         return views.audit(report), OK if report.ok else FAILED
     results = [(name, client.replay(name)) for name in args.names]
     return views.replays(results), OK if all(r.match for _, r in results) else FAILED

@@ -187,8 +187,10 @@ def audit(a: AuditReport) -> Report:
         "failed_sequence": a.failed_sequence if not a.ok else None,
         "failure": a.failure,
         "failed_record": a.failed_record,
+        "head_sequence": a.head_sequence,
+        "head_hash": a.head_hash,
     }
-    shown = row if not a.ok else {"ok": True, "records_checked": a.records_checked}
+    shown = row if not a.ok else {"ok": True, "records_checked": a.records_checked, "head": f"{a.head_sequence}:{a.head_hash}"}
     return Report(row, [row], tuple(row), [Pairs(shown)])
 
 

@@ -235,9 +235,12 @@ class KpisettleClient:
         """Recompute a stored decision from its stored inputs and ruleset version."""
         return convert.replay(self._call(self._rpc.replay, ss.ReplaySettlementRequest(name=settlement_name(name)), timeout))
 
-    def verify_audit_log(self, *, timeout: float | None = None) -> AuditReport:
-        """Walk the tenant's hash chain; `ok`, or the first failing record."""
-        return convert.audit(self._call(self._rpc.verify_audit_log, ss.VerifyAuditLogRequest(), timeout))
+    def verify_audit_log(self, *, anchor: tuple[int, str] | None = None, timeout: float | None = None) -> AuditReport:
+        """Walk the tenant's hash chain; `ok`, or the first failing record. `anchor` is a
+        (head_sequence, head_hash) of an earlier report, kept outside the database: the
+        chain must still hold it."""
+        request = ss.VerifyAuditLogRequest(anchor_sequence=anchor[0], anchor_hash=anchor[1]) if anchor else ss.VerifyAuditLogRequest()
+        return convert.audit(self._call(self._rpc.verify_audit_log, request, timeout))
 
     # -------------------------------------------------------------- RulesetService
 

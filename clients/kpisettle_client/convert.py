@@ -174,7 +174,15 @@ def replay(message: ss.ReplaySettlementResponse) -> ReplayResult:
 
 
 def audit(message: ss.VerifyAuditLogResponse) -> AuditReport:
-    return AuditReport(message.ok, message.records_checked, message.failed_sequence, message.failure, message.failed_record)
+    return AuditReport(
+        message.ok,
+        message.records_checked,
+        message.failed_sequence,
+        message.failure,
+        message.failed_record,
+        message.head_sequence,
+        message.head_hash,
+    )
 
 
 # ------------------------------------------------------------------ rulesets

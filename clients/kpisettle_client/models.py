@@ -267,6 +267,10 @@ class AuditReport:
     failed_sequence: int
     failure: str
     failed_record: str
+    #: The stored head (last position and hash): keep it outside the database and pass it
+    #: back as `anchor` later to detect a chain rewritten with recomputed hashes.
+    head_sequence: int = 0
+    head_hash: str = ""
 
 
 # ------------------------------------------------------------------ rulesets

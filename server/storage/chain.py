@@ -93,6 +93,7 @@ class ChainProblemKind(StrEnum):
     BROKEN_LINK = "BROKEN_LINK"  # a link's previous_hash is not its predecessor's record_hash (edited and re-hashed)
     SEQUENCE_GAP = "SEQUENCE_GAP"  # chain_seq not 1, 2, 3… (a deleted, inserted or duplicated link)
     HEAD_MISMATCH = "HEAD_MISMATCH"  # the chain does not end where the stored head says (truncated or extended tail)
+    ANCHOR_MISMATCH = "ANCHOR_MISMATCH"  # the record at an anchor kept elsewhere is gone or has another hash (rewritten)
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,28 @@ class ChainReport:
     problem: ChainProblem | None  # the first failure; None if the chain verifies
 
 
-def verify_chain(entries: Iterable[ChainEntry], head: tuple[int, str] | None) -> ChainProblem | None:
+def verify_chain(entries: Iterable[ChainEntry], head: tuple[int, str] | None, anchor: tuple[int, str] | None = None) -> ChainProblem | None:
     """Walk `entries` (in chain_seq order, as `Store.audit_chain` yields them) and report the first failure.
 
     `head` is the stored chain head (last seq, last hash), None if the tenant has no chain
     yet. Read the head and the entries in one snapshot (see `SqlStore.verify_tenant_chain`),
-    or else links appended in between show up as a HEAD_MISMATCH.
+    or else links appended in between show up as a HEAD_MISMATCH. `anchor` (seq, hash) is a
+    head kept outside the database earlier: the chain must still hold it, which shows a
+    chain rewritten with recomputed hashes and a moved head (the one thing it cannot show
+    on its own).
     """
+    problem = _walk(entries, head, anchor)
+    if problem is None and anchor is not None and (head is None or head[0] < anchor[0]):
+        return ChainProblem(
+            ChainProblemKind.ANCHOR_MISMATCH,
+            anchor[0],
+            "",
+            f"the anchored record at seq {anchor[0]} is gone: the chain ends at seq {head[0] if head else 0}",
+        )
+    return problem
+
+
+def _walk(entries: Iterable[ChainEntry], head: tuple[int, str] | None, anchor: tuple[int, str] | None) -> ChainProblem | None:
     expected_seq = 1
     previous_hash = GENESIS_HASH
     last_key = ""
@@ -163,6 +179,13 @@ def verify_chain(entries: Iterable[ChainEntry], head: tuple[int, str] | None) ->
                 entry.chain_seq,
                 entry.key,
                 f"{entry.kind} {entry.key} at seq {entry.chain_seq}: previous_hash does not match the record before it",
+            )
+        if anchor is not None and entry.chain_seq == anchor[0] and entry.record_hash != anchor[1]:
+            return ChainProblem(
+                ChainProblemKind.ANCHOR_MISMATCH,
+                entry.chain_seq,
+                entry.key,
+                f"{entry.kind} {entry.key} at seq {entry.chain_seq}: its hash is not the anchor's (the chain was rewritten)",
             )
         previous_hash = entry.record_hash
         last_key = entry.key

@@ -216,8 +216,9 @@ class Store(Protocol):
 
     def audit_chain(self, tenant: str) -> Iterator[ChainEntry]: ...
 
-    def verify_tenant_chain(self, tenant: str) -> ChainReport:
-        """The head and the whole chain read in one snapshot, and the first failure."""
+    def verify_tenant_chain(self, tenant: str, anchor: tuple[int, str] | None = None) -> ChainReport:
+        """The head and the whole chain read in one snapshot, and the first failure; `anchor`
+        (seq, hash), kept outside the database earlier, must still be in the chain."""
         ...
 
     def close(self) -> None: ...

@@ -36,7 +36,9 @@ import dataclasses
 import datetime
 import functools
 import heapq
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1140,7 +1142,7 @@ class SqlStore:
         with self._snapshot() as conn:
             yield from self._entries(conn, tenant)
 
-    def verify_tenant_chain(self, tenant: str) -> ChainReport:
+    def verify_tenant_chain(self, tenant: str, anchor: tuple[int, str] | None = None) -> ChainReport:
         """Read the head and walk the chain in one snapshot; report the first problem."""
         with self._snapshot() as conn:
             head = self._head(conn, tenant)
@@ -1152,11 +1154,29 @@ class SqlStore:
                     count += 1
                     yield entry
 
-            problem = verify_chain(counted(), head)
+            problem = verify_chain(counted(), head, anchor)
         return ChainReport(records=count, head=head, problem=problem)
 
 
 # -- opening and migrating ----------------------------------------------------------------
+
+
+def _use_wal(cursor: Any, lock_timeout: float) -> None:
+    """Switch the file to WAL. SQLite answers "database is locked" at once, without its busy
+    handler, when another process is switching or migrating a new file at the same moment
+    (seen with two processes opening one fresh file): try again until `lock_timeout`."""
+    deadline = time.monotonic() + lock_timeout
+    delay = 0.005
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def _sqlite_engine(url: sa.URL, lock_timeout: float) -> Engine:
@@ -1174,8 +1194,7 @@ def _sqlite_engine(url: sa.URL, lock_timeout: float) -> Engine:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {max(1, int(lock_timeout * 1000))}")
             cursor.execute("PRAGMA foreign_keys = ON")
-            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor, lock_timeout)
         finally:
             cursor.close()
 
