@@ -526,6 +526,14 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
             else None
         )
         ruleset = convert.parse_ruleset_name(request.ruleset, "ruleset", False, violations) if request.ruleset else None
+        for name in ("contract_id", "seller_id"):  # filters are ids like the ones stored: never a NUL or control character
+            value = getattr(request, name)
+            if value and not convert.ID_TEXT.fullmatch(value):
+                violations.append(Violation(name, "1 to 128 letters, digits or ._:/@- (starting with a letter or digit)", "request.id"))
+        if request.market and (len(request.market) > 8 or not request.market.isprintable()):
+            violations.append(
+                Violation("market", "a market code such as US, JP, EU, BR (at most 8 printable characters)", "request.market")
+            )
         if request.page_size < 0:
             violations.append(Violation("page_size", f"{request.page_size} is negative"))
         if violations:
@@ -688,7 +696,7 @@ def _list_position(token: str, digest: str) -> tuple[datetime.date, str, int] | 
             bound == digest
             and isinstance(start, str)
             and isinstance(contract_id, str)
-            and len(contract_id) <= convert.MAX_ID
+            and convert.ID_TEXT.fullmatch(contract_id)
             and type(revision) is int
             and 0 < revision < 2**31
         ):
