@@ -30,6 +30,7 @@ from server.storage.chain import (
     verify_chain,
 )
 from server.storage.interface import (
+    ChainEntry,
     Conflict,
     LifecycleAction,
     NewSettlement,
@@ -597,15 +598,19 @@ def test_edited_and_rehashed_row_is_a_broken_link(chain: Chain) -> None:
     assert chain.problem() == (ChainProblemKind.BROKEN_LINK, 6)
 
 
-def test_verify_chain_on_crafted_entries() -> None:
-    from server.storage.interface import ChainEntry
-
+def crafted_chain() -> list[ChainEntry]:
+    """Three correctly linked entries, k1 to k3."""
     entries, previous = [], GENESIS_HASH
     for seq in (1, 2, 3):
         content = f"content-{seq}".encode()
         entries.append(ChainEntry(seq, "settlement", f"k{seq}", content, link_hash(previous, content), previous))
         previous = entries[-1].record_hash
-    head = (3, previous)
+    return entries
+
+
+def test_verify_chain_on_crafted_entries() -> None:
+    entries = crafted_chain()
+    head = (3, entries[-1].record_hash)
     assert verify_chain(entries, head) is None
     assert verify_chain([], None) is None
     problem = verify_chain(entries, None)
@@ -696,14 +701,8 @@ def test_two_processes_append_to_one_chain(new_database_url: str, tenant: str) -
 
 
 def test_an_anchor_must_still_be_in_the_chain() -> None:
-    from server.storage.interface import ChainEntry
-
-    entries, previous = [], GENESIS_HASH
-    for seq in (1, 2, 3):
-        content = f"content-{seq}".encode()
-        entries.append(ChainEntry(seq, "settlement", f"k{seq}", content, link_hash(previous, content), previous))
-        previous = entries[-1].record_hash
-    head = (3, previous)
+    entries = crafted_chain()
+    head = (3, entries[-1].record_hash)
     assert verify_chain(entries, head, (2, entries[1].record_hash)) is None
     wrong = verify_chain(entries, head, (2, "0" * 64))
     assert wrong is not None and (wrong.kind, wrong.chain_seq, wrong.key) == (ChainProblemKind.ANCHOR_MISMATCH, 2, entries[1].key)

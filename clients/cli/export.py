@@ -137,19 +137,26 @@ def add_parser(commands: Any) -> None:
 # ------------------------------------------------------------------ rows
 
 
+def _settlement_columns(s: Settlement) -> dict[str, Any]:
+    """The columns that say which contract period and revision a row belongs to."""
+    return {
+        "contract_id": s.contract_id,
+        "seller_id": s.seller_id,
+        "market": s.market,
+        "period_start": s.period_start,
+        "period_end": s.period_end,
+        "revision": s.revision,
+        "ruleset_version": s.ruleset_version,
+    }
+
+
 def line_rows(s: Settlement, skip_zero: bool) -> Iterator[dict[str, Any]]:
     for line in s.lines:
         if skip_zero and line.amount == 0:
             continue
         yield {
             "settlement": s.name,
-            "contract_id": s.contract_id,
-            "seller_id": s.seller_id,
-            "market": s.market,
-            "period_start": s.period_start,
-            "period_end": s.period_end,
-            "revision": s.revision,
-            "ruleset_version": s.ruleset_version,
+            **_settlement_columns(s),
             "line": line.id,
             "kind": line.kind,
             "label": line.label,
@@ -172,13 +179,7 @@ def delta_rows(s: Settlement, skip_zero: bool) -> Iterator[dict[str, Any]]:
         yield {
             "settlement": s.name,
             "supersedes": s.supersedes,
-            "contract_id": s.contract_id,
-            "seller_id": s.seller_id,
-            "market": s.market,
-            "period_start": s.period_start,
-            "period_end": s.period_end,
-            "revision": s.revision,
-            "ruleset_version": s.ruleset_version,
+            **_settlement_columns(s),
             "line": d.id,
             "label": labels.get(d.id, ""),
             "previous_amount": d.previous_amount,
