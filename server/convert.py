@@ -107,10 +107,21 @@ def settlement_id(name: str, field: str = "name") -> str:
 
 
 def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
-    """The input as plain values: stored verbatim and hashed for idempotency.
+    """The input as plain values: stored verbatim and hashed for idempotency."""
+    metrics, params = read_entries(message)
+    return _input_dict(message, metrics, params)
 
-    Maps are read by sorted key (cheaper than sorting their items' message wrappers)."""
+
+def read_entries(message: pb.SettlementInput) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """The metrics as {name: (value, currency code)} and the params as {name: value}, in the maps' order.
+
+    Reading a map of a freshly parsed message is the costly part (a wrapper per entry),
+    so the settle path reads each map once, here, and works on plain dicts after."""
     metrics, params = message.metrics, message.params
+    return {key: (m.value, m.currency_code) for key in metrics for m in [metrics[key]]}, {key: params[key] for key in params}
+
+
+def _input_dict(message: pb.SettlementInput, metrics: Mapping[str, tuple[str, str]], params: Mapping[str, str]) -> dict[str, Any]:
     return {
         "contract_id": message.contract_id,
         "seller_id": message.seller_id,
@@ -118,8 +129,8 @@ def input_dict(message: pb.SettlementInput) -> dict[str, Any]:
         "period_start_date": date_text(message.period_start_date),
         "period_end_date": date_text(message.period_end_date) if message.HasField("period_end_date") else None,
         "ruleset": message.ruleset,
-        "metrics": {k: {"value": (v := metrics[k]).value, "currency_code": v.currency_code} for k in sorted(metrics)},
-        "params": {k: params[k] for k in sorted(params)},
+        "metrics": {k: {"value": value, "currency_code": currency} for k, (value, currency) in sorted(metrics.items())},
+        "params": dict(sorted(params.items())),
         "fx_rates": [
             {
                 "base_currency_code": r.base_currency_code,
@@ -174,6 +185,8 @@ class CheckedInput:
     violations: list[Violation]
     ruleset: tuple[str, int | None] | None  # (ruleset id, pinned version) when the name parses
     period_start: datetime.date | None  # when present and a real date
+    metrics: dict[str, tuple[str, str]]  # read_entries: the maps as plain values, read once
+    params: dict[str, str]
 
     @property
     def computable(self) -> bool:
@@ -204,9 +217,10 @@ def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
     if message.HasField("period_end_date"):
         to_date(message.period_end_date, f"{field}.period_end_date", violations)
     ruleset = parse_ruleset_name(message.ruleset, f"{field}.ruleset", None, violations)
-    if len(message.metrics) + len(message.params) > MAX_ENTRIES:
+    metrics, params = read_entries(message)
+    if len(metrics) + len(params) > MAX_ENTRIES:
         violations.append(Violation(f"{field}.metrics", f"at most {MAX_ENTRIES} metrics and params together", "request.too_many"))
-    for section, values in (("metrics", {k: v.value for k, v in message.metrics.items()}), ("params", dict(message.params))):
+    for section, values in (("metrics", {k: value for k, (value, _) in metrics.items()}), ("params", params)):
         for key, value in values.items():
             if len(key) > 64 or len(value) > MAX_TEXT:
                 violations.append(
@@ -214,8 +228,8 @@ def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
                         f"{field}.{section}", f"{key[:64]!r}: names up to 64 and values up to {MAX_TEXT} characters", "request.too_long"
                     )
                 )
-    for key, metric in message.metrics.items():
-        if len(metric.currency_code) > 8:
+    for key, (_, currency) in metrics.items():
+        if len(currency) > 8:
             violations.append(Violation(f"{field}.metrics.{key[:64]}.currency_code", "an ISO 4217 code such as USD", "request.currency"))
     if len(message.fx_rates) > 50:
         violations.append(Violation(f"{field}.fx_rates", "at most 50 FX rates", "request.too_many"))
@@ -229,7 +243,7 @@ def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
             to_date(rate.as_of_date, f"{where}.as_of_date", violations)
     if message.HasField("active_days") and message.active_days < 0:
         violations.append(Violation(f"{field}.active_days", "must not be negative", "request.active_days"))
-    return CheckedInput(violations, ruleset, period_start)
+    return CheckedInput(violations, ruleset, period_start, metrics, params)
 
 
 # Engine request paths → the SettlementInput fields they are about.
@@ -256,23 +270,29 @@ def input_violations(problems: Sequence[Problem], field: str) -> list[Violation]
     return out
 
 
-def engine_request(message: pb.SettlementInput) -> SettlementRequest:
-    """The engine's request; the caller has run check_input."""
-    start = datetime.date(message.period_start_date.year, message.period_start_date.month, message.period_start_date.day)
+def engine_request(message: pb.SettlementInput, checked: CheckedInput | None = None) -> SettlementRequest:
+    """The engine's request; the caller has run check_input (pass what it gave to read the maps only once)."""
+    if checked is not None and checked.period_start is not None:
+        start = checked.period_start
+        entries, params = checked.metrics, checked.params
+    else:
+        start = datetime.date(message.period_start_date.year, message.period_start_date.month, message.period_start_date.day)
+        entries, params = read_entries(message)
     metrics: dict[str, str | MoneyAmount] = {
-        name: MoneyAmount(value.value, value.currency_code) if value.currency_code else value.value
-        for name, value in message.metrics.items()
+        name: MoneyAmount(value, currency) if currency else value for name, (value, currency) in entries.items()
     }
     rates = [
         FxRate(r.base_currency_code, r.quote_currency_code, r.rate, r.source, date_text(r.as_of_date) if r.HasField("as_of_date") else "")
         for r in message.fx_rates
     ]
     active = message.active_days if message.HasField("active_days") else None
-    return SettlementRequest(message.market, start, metrics, dict(message.params), active, tuple(rates))
+    return SettlementRequest(message.market, start, metrics, params, active, tuple(rates))
 
 
-def fingerprint_payload(message: pb.SettlementInput, expected_revision: int | None) -> bytes:
-    return canonical_json({"input": input_dict(message), "expected_revision": expected_revision})
+def fingerprint_payload(message: pb.SettlementInput, expected_revision: int | None, checked: CheckedInput | None = None) -> bytes:
+    """The canonical bytes the request's fingerprint is of (pass check_input's result to read the maps only once)."""
+    metrics, params = (checked.metrics, checked.params) if checked is not None else read_entries(message)
+    return canonical_json({"input": _input_dict(message, metrics, params), "expected_revision": expected_revision})
 
 
 # ------------------------------------------------------------------ decisions

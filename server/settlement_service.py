@@ -288,7 +288,7 @@ class Settler:
             violations.append(Violation("expected_revision", f"{expected_revision} is negative", "request.expected_revision"))
         if violations:
             raise self._invalid(tenant, message, checked, violations, allow_draft=False)
-        payload = convert.fingerprint_payload(message, expected_revision)
+        payload = convert.fingerprint_payload(message, expected_revision, checked)
         return _Request(request_id, message, expected_revision, checked, payload, hashlib.sha256(payload).hexdigest())
 
     def _draft(
@@ -345,7 +345,7 @@ class Settler:
             if versions is not None:
                 versions[key] = chosen
         violations: list[Violation] = []
-        decision = self._run_engine(chosen, message, violations)
+        decision = self._run_engine(chosen, message, violations, checked)
         if violations or decision is None:
             raise invalid("the settlement input is invalid", violations, "INPUT_INVALID")
         return chosen, decision
@@ -384,9 +384,11 @@ class Settler:
             raise
 
     @staticmethod
-    def _run_engine(chosen: Chosen, message: pb.SettlementInput, violations: list[Violation]) -> Decision | None:
+    def _run_engine(
+        chosen: Chosen, message: pb.SettlementInput, violations: list[Violation], checked: convert.CheckedInput | None = None
+    ) -> Decision | None:
         """Settle with the engine; its request problems (and a wrong period_end_date) go to `violations`."""
-        request = convert.engine_request(message)
+        request = convert.engine_request(message, checked)
         bounds = period_bounds(request.period_start, chosen.compiled.ruleset.period)
         if bounds is not None:  # a misaligned start is the engine's to report
             _check_period_end(message, bounds[1].isoformat(), violations)
