@@ -62,6 +62,7 @@ from server.storage.chain import (
     link_hash,
     verify_chain,
 )
+from server.storage.driver import DriverStatement, as_sqlalchemy_errors, driver_connection, pipeline
 from server.storage.interface import (
     Append,
     ChainEntry,
@@ -401,15 +402,29 @@ def _is_lock_timeout(exc: OperationalError) -> bool:
     return "database is locked" in message or "database is busy" in message
 
 
+class _SettlePathStatements:
+    """The statements `SqlStore._write` runs on the driver's cursor (see server.storage.driver)."""
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self.head = DriverStatement(_HEAD_FOR_UPDATE if dialect.name == "postgresql" else _HEAD, dialect)
+        self.single_checks = DriverStatement(_SINGLE_CHECKS, dialect)
+        self.insert_settlements = DriverStatement(settlements.insert(), dialect, [column.name for column in settlements.columns])
+        self.save_head = DriverStatement(_SAVE_HEAD, dialect, ["last_seq", "last_hash"])
+
+
 class _ChainWriter:
     """Appends links to one tenant's chain inside a write transaction that holds its lock."""
 
-    def __init__(self, conn: Connection, tenant: str, seq: int, last_hash: str) -> None:
+    def __init__(self, conn: Connection, tenant: str, seq: int, last_hash: str, checks: Sequence[Any] | None) -> None:
         self.conn = conn
         self.tenant = tenant
         self.seq = seq
         self.last_hash = last_hash
         self.start_seq = seq
+        #: The row of _SINGLE_CHECKS when `SqlStore._write` was asked for it (stamp, taken, latest_id, latest_revision).
+        self.checks = checks
+        #: Settlement rows to insert when the transaction ends, with the new head (one round trip on PostgreSQL).
+        self.pending_settlements: list[dict[str, object]] = []
 
     def append(self, table: sa.Table, kind: str, values: Mapping[str, object]) -> dict[str, object]:
         row = self.link(table, kind, values)
@@ -429,10 +444,6 @@ class _ChainWriter:
         self.seq += 1
         self.last_hash = str(row["record_hash"])
         return row
-
-    def save_head(self) -> None:
-        if self.seq != self.start_seq:
-            self.conn.execute(_SAVE_HEAD, {"head_tenant": self.tenant, "last_seq": self.seq, "last_hash": self.last_hash})
 
 
 def _check_page_size(page_size: int) -> int:
@@ -492,6 +503,7 @@ class SqlStore:
         self._combine_locks: dict[str, threading.Lock] = {}
         if self._postgres:
             _set_lock_timeout_on_checkout(engine, lock_timeout)
+        self._statements = _SettlePathStatements(engine.dialect)
         # Single-statement reads need no transaction around them: on PostgreSQL they run in
         # autocommit, which saves the BEGIN and ROLLBACK round trips of each one.
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._postgres else engine
@@ -520,34 +532,33 @@ class SqlStore:
         return now.astimezone(datetime.UTC)
 
     @contextmanager
-    def _write(self, tenant: str) -> Iterator[_ChainWriter]:
+    def _write(self, tenant: str, checks: Mapping[str, object] | None = None) -> Iterator[_ChainWriter]:
         """One write transaction holding `tenant`'s chain lock; commits on success.
 
-        StoreBusy when the lock is not had within the store's lock timeout."""
+        With `checks` (the parameters of _SINGLE_CHECKS), the writer's `checks` is its row,
+        read right after the lock is had. StoreBusy when the lock is not had within the
+        store's lock timeout."""
         busy = f"no write lock on the database within {self._lock_timeout:g} s"
         local = self._local_write_lock
         if local is not None and not local.acquire(timeout=self._lock_timeout):
             raise StoreBusy(busy)
         try:
             with self._write_transaction() as conn:
-                params = {"tenant": tenant}
-                if self._postgres:  # lock_timeout is the session's (see _set_lock_timeout_on_checkout)
-                    row = conn.execute(_HEAD_FOR_UPDATE, params).one_or_none()
-                    if row is None:
+                head, checked = self._lock_head(conn, tenant, checks)
+                if head is None:  # the tenant's first write: make its head row, then lock it
+                    if self._postgres:
                         conn.execute(
                             pg_insert(chain_heads)
                             .values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH)
                             .on_conflict_do_nothing(index_elements=["tenant"])
                         )
-                        row = conn.execute(_HEAD_FOR_UPDATE, params).one()
-                else:  # BEGIN IMMEDIATE already holds the database's write lock
-                    row = conn.execute(_HEAD, params).one_or_none()
-                    if row is None:
+                    else:
                         conn.execute(chain_heads.insert().values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH))
-                        row = conn.execute(_HEAD, params).one()
-                writer = _ChainWriter(conn, tenant, int(row.last_seq), str(row.last_hash))
+                    head, checked = self._lock_head(conn, tenant, checks)  # the checks too: the first ran unlocked
+                    assert head is not None
+                writer = _ChainWriter(conn, tenant, int(head[0]), str(head[1]), checked)
                 yield writer
-                writer.save_head()
+                self._finish(writer)
         except OperationalError as exc:
             if _is_lock_timeout(exc):
                 raise StoreBusy(busy) from exc
@@ -555,6 +566,44 @@ class SqlStore:
         finally:
             if local is not None:
                 local.release()
+
+    def _lock_head(self, conn: Connection, tenant: str, checks: Mapping[str, object] | None) -> tuple[Any, Any]:
+        """The tenant's chain head (last_seq, last_hash) or None, locked, and the row of
+        _SINGLE_CHECKS for `checks` read after the lock (None without `checks`).
+
+        PostgreSQL: the BEGIN, the ``SELECT … FOR UPDATE`` (lock_timeout is the session's,
+        see _set_lock_timeout_on_checkout) and the checks go in one round trip; the checks
+        statement starts after the lock is had, so its snapshot sees every write committed
+        before. SQLite: BEGIN IMMEDIATE already holds the database's write lock."""
+        raw = driver_connection(conn)
+        statements = self._statements
+        with as_sqlalchemy_errors(self._engine.dialect, statements.head.sql), pipeline(raw, self._postgres):
+            head_cursor = raw.cursor()
+            head_cursor.execute(statements.head.sql, statements.head.params({"tenant": tenant}))
+            checks_cursor = None
+            if checks is not None:
+                checks_cursor = raw.cursor()
+                checks_cursor.execute(statements.single_checks.sql, statements.single_checks.params(checks))
+            head = head_cursor.fetchone()
+            checked = checks_cursor.fetchone() if checks_cursor is not None else None
+        return head, checked
+
+    def _finish(self, writer: _ChainWriter) -> None:
+        """Insert the writer's pending settlements and save the new head; on PostgreSQL also
+        commit, all in one round trip (the commit SQLAlchemy then makes has nothing to do)."""
+        raw = driver_connection(writer.conn)
+        statements = self._statements
+        insert, save_head = statements.insert_settlements, statements.save_head
+        with as_sqlalchemy_errors(self._engine.dialect, insert.sql), pipeline(raw, self._postgres):
+            cursor = raw.cursor()
+            if writer.pending_settlements:
+                cursor.executemany(insert.sql, [insert.params(row) for row in writer.pending_settlements])
+            if writer.seq != writer.start_seq:
+                cursor.execute(
+                    save_head.sql, save_head.params({"head_tenant": writer.tenant, "last_seq": writer.seq, "last_hash": writer.last_hash})
+                )
+            if self._postgres:
+                raw.commit()
 
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:
@@ -1008,19 +1057,21 @@ class SqlStore:
         keys = sorted({(append.new.contract_id, append.new.period_start) for append in appends})
         outcomes: list[SettlementRecord | Conflict] = []
         stamps = {append.versions_stamp for append in appends if append.versions_stamp is not None}
-        with self._write(tenant) as chain:
+        single = None
+        if len(appends) == 1:  # a Settle: what its checks need in one statement, read with the lock
+            ((contract_id, period_start),) = keys
+            single = {"tenant": tenant, "request_id": request_ids[0], "contract_id": contract_id, "period_start": period_start}
+        with self._write(tenant, single) as chain:
             conn = chain.conn
             taken: set[str] = set()
             latest: dict[tuple[str, datetime.date], tuple[str, int]] = {}
-            if len(appends) == 1:  # a Settle: what its checks need in one statement
-                ((contract_id, period_start),) = keys
-                params = {"tenant": tenant, "request_id": request_ids[0], "contract_id": contract_id, "period_start": period_start}
-                checks = conn.execute(_SINGLE_CHECKS, params).one()
-                current = int(checks.stamp or 0)
-                if checks.taken is not None:
+            if chain.checks is not None:
+                stamp, taken_id, latest_id, latest_revision = chain.checks
+                current = int(stamp or 0)
+                if taken_id is not None:
                     taken.add(request_ids[0])
-                if checks.latest_id is not None:
-                    latest[(contract_id, period_start)] = (checks.latest_id, int(checks.latest_revision))
+                if latest_id is not None:
+                    latest[(contract_id, period_start)] = (str(latest_id), int(latest_revision))
             else:
                 current = int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0) if stamps else 0
                 # What the checks need, read at once under the lock, then kept up to date in
@@ -1052,8 +1103,7 @@ class SqlStore:
                 added[record.settlement_id] = record
                 rows.append(link)
                 outcomes.append(record)
-            if rows:
-                conn.execute(settlements.insert(), rows)
+            chain.pending_settlements.extend(rows)
         return outcomes
 
     @staticmethod
