@@ -205,8 +205,8 @@ class _Partition:
             },
             sort_keys=True,
         )
-        # (field name, probe text, probe, decimal places, rounding) for each field, in order
-        self.plan: list[tuple[str, str, Callable[[Env], Decimal], int, str]] = []
+        # (field name, probe text, probe, decimal places, to integer) for each field, in order
+        self.plan: list[tuple[str, str, Callable[[Env], Decimal], int, Callable[[Decimal], int]]] = []
         self.handle = -1
         self.build()
 
@@ -266,8 +266,8 @@ class Matcher:
             batch.append(rule)
         if batch:
             self.partitions.append(_Partition(batch))
-        for partition in self.partitions:  # each field with its probe, looked up once
-            partition.plan = [(f.name, f.probe, self.probes[f.probe], f.places, f.rounding) for f in partition.fields]
+        for partition in self.partitions:  # each field with its probe and its scaling, looked up once
+            partition.plan = [(f.name, f.probe, self.probes[f.probe], *_scaling(f)) for f in partition.fields]
         self._lock = threading.Lock()
         self._closed = False
 
@@ -279,16 +279,11 @@ class Matcher:
         facts: list[dict[str, int | str]] = []
         for partition in self.partitions:
             fact: dict[str, int | str] = {"sid": _SID, "id": _FACT_ID}
-            for name, probe_text, probe, places, rounding in partition.plan:
+            for name, probe_text, probe, places, to_integer in partition.plan:
                 value = probe_values.get(probe_text)
                 if value is None:
                     value = probe_values[probe_text] = probe(env)
-                if not rounding:  # an integer by type and a literal without decimals
-                    number = int(value)
-                else:
-                    if places:
-                        value = value.scaleb(places, ARITHMETIC)
-                    number = math.floor(value) if rounding == ROUND_FLOOR else math.ceil(value)
+                number = to_integer(value.scaleb(places, ARITHMETIC) if places else value)
                 fact[name] = number if -VALUE_LIMIT < number < VALUE_LIMIT else (VALUE_LIMIT if number > 0 else -VALUE_LIMIT)
             facts.append(fact)
         fired: list[str] = []
@@ -311,6 +306,14 @@ class Matcher:
                 self._closed = True
                 for partition in self.partitions:
                     partition.close()
+
+
+def _scaling(field: _Field) -> tuple[int, Callable[[Decimal], int]]:
+    """The places to scale a field's value by and how to make it an integer: int for a value
+    known to be an integer (a literal without decimals: no scaling), else floor or ceiling."""
+    if not field.rounding:
+        return 0, int
+    return field.places, math.floor if field.rounding == ROUND_FLOOR else math.ceil
 
 
 def check_condition(condition: Condition, name_types: Mapping[str, Type], integral: set[str], markets: Sequence[str]) -> None:

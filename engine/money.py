@@ -110,7 +110,7 @@ def is_currency(code: object) -> bool:
     return True
 
 
-_QUANTA = [Decimal(1).scaleb(-places) for places in range(5)]
+QUANTA = [Decimal(1).scaleb(-places) for places in range(5)]  # 1, 0.1, … 0.0001: by a currency's minor units
 
 
 def round_to_currency(value: Decimal, places: int, rounding: Rounding) -> Decimal:
@@ -119,7 +119,7 @@ def round_to_currency(value: Decimal, places: int, rounding: Rounding) -> Decima
     On the hot path of every line: arguments are positional (keywords cost a C method
     twice as much) and the mode is chosen by identity (hashing an enum member calls Python).
     """
-    return value.quantize(_QUANTA[places], ROUND_HALF_UP if rounding is Rounding.HALF_UP else ROUND_HALF_EVEN, ARITHMETIC)
+    return value.quantize(QUANTA[places], ROUND_HALF_UP if rounding is Rounding.HALF_UP else ROUND_HALF_EVEN, ARITHMETIC)
 
 
 def plain(value: Decimal) -> str:

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
 from engine.expressions import Env, Explainer, Scalar, ZeroDivision
 from engine.model import Fee, FeeKind, Input, Payout, Period, TierMode, ValueType
-from engine.money import ARITHMETIC, PLAIN_COUNT, PLAIN_DECIMAL, DecimalTextError, is_currency, parse_decimal, round_to_currency
+from engine.money import (
+    ARITHMETIC,
+    PLAIN_COUNT,
+    PLAIN_DECIMAL,
+    QUANTA,
+    DecimalTextError,
+    is_currency,
+    parse_decimal,
+    round_to_currency,
+)
 from engine.problems import Problem, RequestInvalid
 from engine.request import MoneyAmount, SettlementRequest
 from engine.version import ENGINE_VERSION
@@ -39,12 +48,16 @@ class Explained(NamedTuple):
     explain: Explainer
 
 
-@functools.lru_cache(maxsize=4096)
 def period_bounds(start: datetime.date, period: Period) -> tuple[datetime.date, datetime.date] | None:
     """First and last day of the period starting at `start`, or None if misaligned."""
-    if start.day != 1 or (period is Period.QUARTER and start.month % 3 != 1):
+    return _period_bounds(start, period is Period.QUARTER)  # cached by a bool: an enum member hashes in Python
+
+
+@functools.lru_cache(maxsize=4096)
+def _period_bounds(start: datetime.date, quarter: bool) -> tuple[datetime.date, datetime.date] | None:
+    if start.day != 1 or (quarter and start.month % 3 != 1):
         return None
-    months = 3 if period is Period.QUARTER else 1
+    months = 3 if quarter else 1
     end_month = start.month + months - 1
     last_day = calendar.monthrange(start.year, end_month)[1]
     return start, datetime.date(start.year, end_month, last_day)
@@ -129,10 +142,11 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     lines: list[Line] = []
     penalty_ids: list[str] = []
     places, rounding = ruleset.minor_units, ruleset.rounding
+    quantum, mode = QUANTA[places], rounding.decimal_mode  # round_to_currency, inlined for the lines
     for plan in compiled.fee_plans:
         basis, rate, exact, waived_by = plan.compute(env, fired, applied, active_days, period_days)
         env[plan.id] = exact
-        amount = round_to_currency(exact, places, rounding)
+        amount = exact.quantize(quantum, mode, ctx)
         lines.append(_new(Line, (plan.id, plan.kind, plan.label_en, plan.label_zh, basis, rate, exact, amount, waived_by)))
         if plan.penalty:
             penalty_ids.append(plan.id)
@@ -213,31 +227,36 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     for line in lines:
         total = ctx.add(total, line.amount)
     # 11. warnings
+    explainers = compiled.explainers
     warnings = tuple(
-        RaisedWarning(w.id, w.message.en, w.message.zh, compiled.explainers[w.id](env, memo)) for w in ruleset.warnings if w.id in fired
+        [_new(RaisedWarning, (w.id, w.message.en, w.message.zh, explainers[w.id](env, memo))) for w in ruleset.warnings if w.id in fired]
     )
-    return Decision(
-        ruleset_id=ruleset.id,
-        ruleset_version=compiled.version,
-        content_hash=compiled.content_hash,
-        engine_version=ENGINE_VERSION,
-        currency=ruleset.currency,
-        rounding=ruleset.rounding.value,
-        market=request.market,
-        period_start=bounds[0].isoformat(),
-        period_end=bounds[1].isoformat(),
-        period_days=period_days,
-        active_days=active_days,
-        inputs=request.as_given(),
-        fx_rates=tuple(fx_used),
-        exemptions=exemptions,
-        target_factor=factor,
-        params=tuple((p.name, env[p.name]) for p in ruleset.params),  # type: ignore[misc]
-        kpis=tuple((k.name, env[k.name]) for k in ruleset.kpis),  # type: ignore[misc]
-        rules=rules,
-        lines=tuple(lines),
-        total=total,
-        warnings=warnings,
+    # positional, in Decision's field order (tuple.__new__ skips the generated __new__ with 21 keywords)
+    return _new(
+        Decision,
+        (
+            ruleset.id,  # ruleset_id
+            compiled.version,  # ruleset_version
+            compiled.content_hash,
+            ENGINE_VERSION,
+            ruleset.currency,
+            rounding.value,  # rounding
+            request.market,  # market
+            bounds[0].isoformat(),  # period_start
+            bounds[1].isoformat(),  # period_end
+            period_days,
+            active_days,
+            request.as_given(),  # inputs
+            tuple(fx_used),  # fx_rates
+            exemptions,
+            factor,  # target_factor
+            tuple([(p.name, env[p.name]) for p in ruleset.params]),  # params
+            tuple([(k.name, env[k.name]) for k in ruleset.kpis]),  # kpis
+            rules,
+            tuple(lines),
+            total,
+            warnings,
+        ),
     )
 
 

@@ -207,7 +207,8 @@ def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
                     "request.id",
                 )
             )
-    if not message.market or len(message.market) > 8:
+    market = message.market
+    if not market or len(market) > 8:
         violations.append(Violation(f"{field}.market", "required: a market code such as US, JP, EU, BR", "request.market"))
     period_start = None
     if not message.HasField("period_start_date"):
@@ -220,14 +221,12 @@ def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
     metrics, params = read_entries(message)
     if len(metrics) + len(params) > MAX_ENTRIES:
         violations.append(Violation(f"{field}.metrics", f"at most {MAX_ENTRIES} metrics and params together", "request.too_many"))
-    for section, values in (("metrics", {k: value for k, (value, _) in metrics.items()}), ("params", params)):
-        for key, value in values.items():
-            if len(key) > 64 or len(value) > MAX_TEXT:
-                violations.append(
-                    Violation(
-                        f"{field}.{section}", f"{key[:64]!r}: names up to 64 and values up to {MAX_TEXT} characters", "request.too_long"
-                    )
-                )
+    for key, (value, _) in metrics.items():
+        if len(key) > 64 or len(value) > MAX_TEXT:
+            violations.append(_too_long(f"{field}.metrics", key))
+    for key, value in params.items():
+        if len(key) > 64 or len(value) > MAX_TEXT:
+            violations.append(_too_long(f"{field}.params", key))
     for key, (_, currency) in metrics.items():
         if len(currency) > 8:
             violations.append(Violation(f"{field}.metrics.{key[:64]}.currency_code", "an ISO 4217 code such as USD", "request.currency"))
@@ -244,6 +243,10 @@ def check_input(message: pb.SettlementInput, field: str) -> CheckedInput:
     if message.HasField("active_days") and message.active_days < 0:
         violations.append(Violation(f"{field}.active_days", "must not be negative", "request.active_days"))
     return CheckedInput(violations, ruleset, period_start, metrics, params)
+
+
+def _too_long(where: str, key: str) -> Violation:
+    return Violation(where, f"{key[:64]!r}: names up to 64 and values up to {MAX_TEXT} characters", "request.too_long")
 
 
 # Engine request paths → the SettlementInput fields they are about.
@@ -371,8 +374,9 @@ def settlement_message(
     for f in decision["fx_rates"]:
         conversion = message.fx_conversions.add(metric=f["metric"], amount=f["amount"], converted_amount=f["converted"])
         _fill_fx_rate(conversion.rate, f)
-    message.input_json = input_json.decode("utf-8")
-    message.decision_json = decision_json.decode("utf-8")
+    # The UTF-8 bytes as they are: a string field takes them (checking them) without a str in between.
+    message.input_json = input_json  # type: ignore[assignment]
+    message.decision_json = decision_json  # type: ignore[assignment]
     if record is not None:
         data = record.data
         message.name = f"settlements/{record.settlement_id}"
