@@ -7,6 +7,7 @@ the engine's exact context, so evaluating it per settlement costs a few calls.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -451,8 +452,7 @@ def compile_node(node: Node) -> Evaluator:
         flag = node.value
         return lambda env: flag
     if isinstance(node, Name):
-        key = node.name
-        return lambda env: env[key]
+        return operator.itemgetter(node.name)  # env[name], without a Python frame
     if isinstance(node, Neg):
         inner = compile_node(node.operand)
         return lambda env: ctx.minus(inner(env))  # type: ignore[arg-type]
@@ -546,11 +546,15 @@ def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
         places = 0 if is_integral(node.left, integral) and is_integral(node.right, integral) else _literal_places(node)
         left, right = _side(node.left, places), _side(node.right, places)
         op = node.op
+        constant = _constant_text(node.right, places)
+        if constant is not None:  # the usual `probe > 0.28`: the right side is text made once
+            tail = f" {op} {constant}"
+            return lambda env, memo: left(env, memo) + tail
         return lambda env, memo: f"{left(env, memo)} {op} {right(env, memo)}"
     if isinstance(node, Logic):
         parts = tuple((compile_evidence(o, integral), isinstance(o, Logic)) for o in node.operands)
         joiner = f" {node.op} "
-        return lambda env, memo: joiner.join(f"({p(env, memo)})" if nested else p(env, memo) for p, nested in parts)
+        return lambda env, memo: joiner.join([f"({p(env, memo)})" if nested else p(env, memo) for p, nested in parts])
     if isinstance(node, Not):
         inner = compile_evidence(node.operand, integral)
         return lambda env, memo: f"not ({inner(env, memo)})"
@@ -607,15 +611,23 @@ def shown_value(value: Decimal, places: int) -> str:
 _QUANTA = {p: Decimal(1).scaleb(-p) for p in range(64)}
 
 
-def _side(node: Node, places: int) -> Explainer:
+def _constant_text(node: Node, places: int) -> str | None:
+    """How a literal side of a comparison reads in evidence; None for any other side."""
     if isinstance(node, Num):
-        shown = shown_value(node.value, places)
-        return lambda env, memo: shown
+        return shown_value(node.value, places)
     if isinstance(node, Str):
-        quoted = node.value
-        return lambda env, memo: quoted
+        return node.value
+    return None
+
+
+def _side(node: Node, places: int) -> Explainer:
+    constant = _constant_text(node, places)
+    if constant is not None:
+        return lambda env, memo: constant
     value_of, prefix = compile_node(node), source_text(node) + " "
-    key = (prefix, places)  # the same probe shown the same way in several rules: format it once
+    # The same probe shown the same way in several rules is formatted once; one string as
+    # the key (its hash is kept), unique since the prefix ends in a space and places has none.
+    key = f"{prefix}{places}"
 
     def side(env: Env, memo: dict[Any, str]) -> str:
         text = memo.get(key)

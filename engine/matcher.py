@@ -205,8 +205,8 @@ class _Partition:
             },
             sort_keys=True,
         )
-        # (field name, probe text, probe, decimal places, to integer) for each field, in order
-        self.plan: list[tuple[str, str, Callable[[Env], Decimal], int, Callable[[Decimal], int]]] = []
+        # (field name, index of its probe in Matcher.probe_order, decimal places, to integer) for each field, in order
+        self.plan: list[tuple[str, int, int, Callable[[Decimal], int]]] = []
         self.handle = -1
         self.build()
 
@@ -266,8 +266,11 @@ class Matcher:
             batch.append(rule)
         if batch:
             self.partitions.append(_Partition(batch))
+        # Each probe is evaluated once per decision, in the order the fields first need it.
+        order = list(dict.fromkeys(f.probe for partition in self.partitions for f in partition.fields))
+        self.probe_order = tuple(self.probes[text] for text in order)
         for partition in self.partitions:  # each field with its probe and its scaling, looked up once
-            partition.plan = [(f.name, f.probe, self.probes[f.probe], *_scaling(f)) for f in partition.fields]
+            partition.plan = [(f.name, order.index(f.probe), *_scaling(f)) for f in partition.fields]
         self._lock = threading.Lock()
         self._closed = False
 
@@ -275,14 +278,12 @@ class Matcher:
         """Names of the rules whose conditions hold for `env`. Raises ZeroDivision.
 
         Runs twice per settlement, so the scaling (see the module header) is written out here."""
-        probe_values: dict[str, Decimal] = {}
+        values = [probe(env) for probe in self.probe_order]
         facts: list[dict[str, int | str]] = []
         for partition in self.partitions:
             fact: dict[str, int | str] = {"sid": _SID, "id": _FACT_ID}
-            for name, probe_text, probe, places, to_integer in partition.plan:
-                value = probe_values.get(probe_text)
-                if value is None:
-                    value = probe_values[probe_text] = probe(env)
+            for name, index, places, to_integer in partition.plan:
+                value = values[index]
                 number = to_integer(value.scaleb(places, ARITHMETIC) if places else value)
                 fact[name] = number if -VALUE_LIMIT < number < VALUE_LIMIT else (VALUE_LIMIT if number > 0 else -VALUE_LIMIT)
             facts.append(fact)
