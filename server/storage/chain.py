@@ -67,7 +67,12 @@ def canonical_value(value: object) -> object:
 def canonical_content(kind: str, row: Mapping[str, object]) -> bytes:
     """The canonical bytes of a record: every column except the hash columns; NULLs omitted."""
     # str(name): column names may be a str subclass (SQLAlchemy's quoted_name), which orjson takes for no key
-    columns = {str(name): canonical_value(value) for name, value in row.items() if name not in HASH_COLUMNS and value is not None}
+    # Text and integers (most columns) are their own canonical form: no call for them.
+    columns = {
+        str(name): value if type(value) is str or type(value) is int else canonical_value(value)
+        for name, value in row.items()
+        if value is not None and name not in HASH_COLUMNS
+    }
     document = {"kind": kind, "row": columns}
     try:
         # orjson writes the same bytes as the json call below for a document whose text is

@@ -402,6 +402,12 @@ def _is_lock_timeout(exc: OperationalError) -> bool:
     return "database is locked" in message or "database is busy" in message
 
 
+@functools.cache
+def _column_names(table: sa.Table) -> dict[str, None]:
+    """The table's column names as plain text, in order (a dict: ordered, and a set for `<=`)."""
+    return dict.fromkeys(str(column.name) for column in table.columns)
+
+
 class _SettlePathStatements:
     """The statements `SqlStore._write` runs on the driver's cursor (see server.storage.driver)."""
 
@@ -433,10 +439,11 @@ class _ChainWriter:
 
     def link(self, table: sa.Table, kind: str, values: Mapping[str, object]) -> dict[str, object]:
         """The next link's row (seq, previous and record hash), to be inserted by the caller in this transaction."""
-        row: dict[str, object] = {column.name: values.get(column.name) for column in table.columns}
-        unknown = set(values) - set(row)
-        if unknown:
-            raise ValueError(f"unknown columns for {table.name}: {sorted(unknown)}")
+        names = _column_names(table)
+        if not values.keys() <= names.keys():
+            raise ValueError(f"unknown columns for {table.name}: {sorted(set(values) - set(names))}")
+        row: dict[str, object] = dict.fromkeys(names)
+        row.update(values)
         row["tenant"] = self.tenant
         row["chain_seq"] = self.seq + 1
         row["previous_hash"] = self.last_hash
@@ -1250,7 +1257,9 @@ def _sqlite_engine(url: sa.URL, lock_timeout: float) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN")
+        begin = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN"
+        with as_sqlalchemy_errors(conn.dialect, begin):  # on the driver: a sixth of the cost through SQLAlchemy
+            driver_connection(conn).execute(begin)
 
     return engine
 
