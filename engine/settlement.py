@@ -286,7 +286,7 @@ def _read_inputs(
     request: SettlementRequest,
     fx_used: list[FxUsed],
 ) -> None:
-    if not isinstance(given, Mapping):
+    if type(given) is not dict and not isinstance(given, Mapping):  # a dict first: an ABC check costs more
         problems.append(Problem("request.type", section, f"{section} must be a mapping of names to decimal text"))
         return
     if len(given) > MAX_NAME_COUNT:

@@ -121,7 +121,8 @@ def read_entries(message: pb.SettlementInput) -> tuple[dict[str, tuple[str, str]
     return {key: (m.value, m.currency_code) for key in metrics for m in [metrics[key]]}, {key: params[key] for key in params}
 
 
-def _input_dict(message: pb.SettlementInput, metrics: Mapping[str, tuple[str, str]], params: Mapping[str, str]) -> dict[str, Any]:
+def _input_dict(message: pb.SettlementInput, metrics: Mapping[str, tuple[str, str]], params: dict[str, str]) -> dict[str, Any]:
+    """The maps in their own order: canonical JSON sorts the keys."""
     return {
         "contract_id": message.contract_id,
         "seller_id": message.seller_id,
@@ -129,8 +130,8 @@ def _input_dict(message: pb.SettlementInput, metrics: Mapping[str, tuple[str, st
         "period_start_date": date_text(message.period_start_date),
         "period_end_date": date_text(message.period_end_date) if message.HasField("period_end_date") else None,
         "ruleset": message.ruleset,
-        "metrics": {k: {"value": value, "currency_code": currency} for k, (value, currency) in sorted(metrics.items())},
-        "params": dict(sorted(params.items())),
+        "metrics": {k: {"value": value, "currency_code": currency} for k, (value, currency) in metrics.items()},
+        "params": params,
         "fx_rates": [
             {
                 "base_currency_code": r.base_currency_code,
