@@ -28,7 +28,7 @@ from server.ruleset_service import RulesetService
 from server.settlement_service import SettlementService
 from server.storage.interface import Store
 from server.storage.sql import open_store
-from server.versions import VersionRegistry
+from server.versions import DEFAULT_COMPILED_CACHE_SIZE, VersionRegistry
 
 log = logging.getLogger("kpisettle.server")
 
@@ -66,6 +66,8 @@ class Config:
     #: Share the port with other processes (SO_REUSEPORT); only the workers of one supervisor
     #: do. A lone server refuses a port that another process already listens on.
     reuse_port: bool = False
+    #: Compiled ruleset versions kept per process (~0.7 MiB each), least recently used out.
+    compiled_cache_size: int = DEFAULT_COMPILED_CACHE_SIZE
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -112,11 +114,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=int(env.get("KPISETTLE_WORKER_RESTARTS", Config.worker_restarts)),
         help="unexpected worker exits per minute that are replaced; one more and the supervisor stops and exits 1",
     )
+    parser.add_argument(
+        "--compiled-cache-size",
+        type=int,
+        default=int(env.get("KPISETTLE_COMPILED_CACHE_SIZE", Config.compiled_cache_size)),
+        help="compiled ruleset versions kept in memory per process (about 0.7 MiB each); least recently used out",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.worker_restarts < 0:
         parser.error("--worker-restarts must not be negative")
+    if args.compiled_cache_size < 1:
+        parser.error("--compiled-cache-size must be at least 1")
     if args.max_connection_age_seconds < 0:
         parser.error("--max-connection-age-seconds must not be negative")
     if args.workers > 1:
@@ -142,6 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_connection_age_seconds=args.max_connection_age_seconds,
         workers=args.workers,
         worker_restarts=args.worker_restarts,
+        compiled_cache_size=args.compiled_cache_size,
     )
 
 
@@ -155,7 +166,7 @@ class Service:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store or open_store(config.database_url)
-        self.registry = VersionRegistry(self.store)
+        self.registry = VersionRegistry(self.store, compiled_cache_size=config.compiled_cache_size)
         self.health = health.HealthServicer()
         self.draining = threading.Event()
         self._stop_lock = threading.Lock()

@@ -20,7 +20,7 @@ from engine import CompiledRuleset, compile_ruleset, request_from_mapping
 from engine.matcher import Matcher
 from server.storage.interface import LifecycleAction, RulesetVersionRecord
 from server.storage.sql import SqlStore, open_store
-from server.versions import VersionRegistry
+from server.versions import DEFAULT_COMPILED_CACHE_SIZE, VersionRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = (ROOT / "rulesets" / "us-managed-standard.yaml").read_text(encoding="utf-8")
@@ -221,3 +221,14 @@ def test_memory_stays_bounded_over_200_versions(store: SqlStore) -> None:
 def test_the_cap_must_be_positive(store: SqlStore) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         VersionRegistry(store, compiled_cache_size=0)
+
+
+def test_the_cap_is_a_server_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.app import parse_args
+
+    assert parse_args([]).compiled_cache_size == DEFAULT_COMPILED_CACHE_SIZE
+    assert parse_args(["--compiled-cache-size", "3"]).compiled_cache_size == 3
+    monkeypatch.setenv("KPISETTLE_COMPILED_CACHE_SIZE", "7")
+    assert parse_args([]).compiled_cache_size == 7
+    with pytest.raises(SystemExit):
+        parse_args(["--compiled-cache-size", "0"])
