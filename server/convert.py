@@ -354,7 +354,8 @@ def settlement_message(
     for e in decision["exemptions"]:
         exemption = add_exemption()
         exemption.name = e["name"]
-        exemption.applied = e["applied"]
+        if e["applied"]:  # false is proto3's default, like empty text: nothing to set
+            exemption.applied = True
         exemption.evidence = e["evidence"]
     add_kpi = message.kpis.add
     for k in decision["kpis"]:
@@ -366,7 +367,8 @@ def settlement_message(
         rule = add_rule()
         rule.rule = r["rule"]
         rule.kind = r["kind"]
-        rule.fired = r["fired"]
+        if r["fired"]:
+            rule.fired = True
         rule.evidence = r["evidence"]
     add_warning = message.warnings.add
     for w in decision["warnings"]:
