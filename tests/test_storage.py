@@ -361,6 +361,39 @@ def test_a_held_write_lock_makes_writes_busy_not_hang(database_url: str, tenant:
         other.close()
 
 
+def test_a_connection_lost_during_a_write_fails_that_write_alone(postgres_url: str, tenant: str) -> None:
+    """PostgreSQL: the server ends the store's connection while a write holds the lock (the
+    store's clock runs there). That write fails, stores nothing, and the connection is not
+    handed out again: the next writes and reads work and the chain verifies."""
+    killer = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    lose_connection = threading.Event()
+
+    def clock() -> datetime.datetime:
+        if lose_connection.is_set():
+            lose_connection.clear()
+            with killer.connect() as conn:  # every other backend of this database: the store's pool
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+        return datetime.datetime.now(datetime.UTC)
+
+    store = open_store(postgres_url, clock)
+    try:
+        store.append_settlement(settlement(tenant, "r1"), None)
+        lose_connection.set()
+        with pytest.raises(sa.exc.DBAPIError) as lost:
+            store.append_settlement(settlement(tenant, "r2", contract_id="c-2"), None)
+        assert lost.value.connection_invalidated
+        assert store.settlement_by_request(tenant, "r2") is None
+        assert store.append_settlement(settlement(tenant, "r2", contract_id="c-2"), None).chain_seq == 2
+        assert_chain_ok(store, tenant, 2)
+    finally:
+        store.close()
+        killer.dispose()
+
+
 @pytest.fixture
 def populated(store: SqlStore, tenant: str) -> Iterator[dict[str, SettlementRecord]]:
     """c-1 Mar (r1, superseded by r2), c-2 Mar, c-1 Apr (seller-2, JP), c-3 May (ruleset jp)."""

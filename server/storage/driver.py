@@ -65,11 +65,17 @@ def pipeline(raw: Any, postgres: bool) -> Iterator[None]:
 
 
 @contextmanager
-def as_sqlalchemy_errors(dialect: sa.Dialect, sql: str) -> Iterator[None]:
+def as_sqlalchemy_errors(conn: Connection, sql: str) -> Iterator[None]:
     """Driver errors as SQLAlchemy's (IntegrityError, OperationalError, …), so that the
-    store's handlers see what they would see had SQLAlchemy run the statement."""
+    store's handlers see what they would see had SQLAlchemy run the statement; a lost
+    connection is invalidated as SQLAlchemy would, so that the pool does not hand it out
+    again."""
+    dialect = conn.dialect
     dbapi = dialect.loaded_dbapi
     try:
         yield
     except dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error, dialect=dialect) from exc
+        lost = not conn.invalidated and dialect.is_disconnect(exc, driver_connection(conn), None)
+        if lost:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error, connection_invalidated=lost, dialect=dialect) from exc

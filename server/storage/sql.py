@@ -584,7 +584,7 @@ class SqlStore:
         before. SQLite: BEGIN IMMEDIATE already holds the database's write lock."""
         raw = driver_connection(conn)
         statements = self._statements
-        with as_sqlalchemy_errors(self._engine.dialect, statements.head.sql), pipeline(raw, self._postgres):
+        with as_sqlalchemy_errors(conn, statements.head.sql), pipeline(raw, self._postgres):
             head_cursor = raw.cursor()
             head_cursor.execute(statements.head.sql, statements.head.params({"tenant": tenant}))
             checks_cursor = None
@@ -601,7 +601,7 @@ class SqlStore:
         raw = driver_connection(writer.conn)
         statements = self._statements
         insert, save_head = statements.insert_settlements, statements.save_head
-        with as_sqlalchemy_errors(self._engine.dialect, insert.sql), pipeline(raw, self._postgres):
+        with as_sqlalchemy_errors(writer.conn, insert.sql), pipeline(raw, self._postgres):
             cursor = raw.cursor()
             if writer.pending_settlements:
                 cursor.executemany(insert.sql, [insert.params(row) for row in writer.pending_settlements])
@@ -1258,7 +1258,7 @@ def _sqlite_engine(url: sa.URL, lock_timeout: float) -> Engine:
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         begin = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN"
-        with as_sqlalchemy_errors(conn.dialect, begin):  # on the driver: a sixth of the cost through SQLAlchemy
+        with as_sqlalchemy_errors(conn, begin):  # on the driver: a sixth of the cost through SQLAlchemy
             driver_connection(conn).execute(begin)
 
     return engine
