@@ -106,11 +106,19 @@ def assert_chain_ok(store: SqlStore, tenant: str, records: int) -> None:
 def test_migrations_create_exactly_the_schema_and_reopen(store: SqlStore, database_url: str) -> None:
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
         if store.engine.dialect.name == "sqlite":
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 10000
+        if store.engine.dialect.name == "postgresql":  # 0002: the documents compressed with lz4
+            compression = conn.execute(
+                sa.text(
+                    "SELECT attname, attcompression FROM pg_attribute WHERE attrelid = 'settlements'::regclass "
+                    "AND attname IN ('request_json', 'decision_json', 'deltas_json')"
+                )
+            ).all()
+            assert sorted(compression) == [("decision_json", "l"), ("deltas_json", "l"), ("request_json", "l")]
     open_store(database_url).close()  # migrating an up-to-date database is a no-op
 
 
