@@ -66,9 +66,17 @@ class SourceError(Exception):
         super().__init__(str(problem))
 
 
+#: A key written as it is in a path; any other key (an unknown one may be any text) is
+#: written as a JSON string in brackets, so that a path always reads one way.
+_PLAIN_KEY = re.compile(r'[^.\[\]"]+')
+
+
 def child_path(parent: str, key: str | int) -> str:
+    """`fees[2].tiers[1].up_to`; a key that is not plain text reads `metrics["a.b"]`."""
     if isinstance(key, int):
         return f"{parent}[{key}]"
+    if not _PLAIN_KEY.fullmatch(key):
+        return f"{parent}[{json.dumps(key, ensure_ascii=False)}]"
     return f"{parent}.{key}" if parent else key
 
 

@@ -447,7 +447,8 @@ def call_raw(fuzzed: Fuzzed, rpc: str, payloads: Sequence[bytes], kind: str) -> 
     return code
 
 
-PATH = re.compile(r"(?:[^.\[\]]+|\[\d+\])(?:\.[^.\[\]]+|\[\d+\])*")
+#: a path: plain keys joined by dots, list indexes, and keys that are not plain as JSON strings in brackets
+PATH = re.compile(r'(?:[^.\[\]"]+|\[\d+\]|\["(?:[^"\\]|\\.)*"\])(?:\.[^.\[\]"]+|\[\d+\]|\["(?:[^"\\]|\\.)*"\])*')
 
 
 def check_problems(problems: Sequence[pb.RulesetProblem], source: str | None, where: str) -> None:

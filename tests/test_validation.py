@@ -710,6 +710,19 @@ def test_minor_units_follow_the_currency() -> None:
     assert "0 decimals" in problem.message
 
 
+def test_a_key_that_is_not_plain_text_reads_one_way_in_its_path() -> None:
+    # Found by the long fuzz run: a text starting "0[# …: …" is a mapping whose first key is
+    # "0[# …"; written bare, its path could not be told from an index or a nested key.
+    text = "0[# notes: x\n" + BASE
+    report = validate_ruleset(text)
+    problem = only(report, "key.unknown", '["0[# notes"]')
+    assert (problem.line, problem.column) == (1, 1)
+    text = edit(BASE, ("currency: USD", 'currency: USD\n"a.b": 1'))
+    problem = only(report := validate_ruleset(text), "key.unknown", '["a.b"]')
+    assert (problem.line, problem.column) == at(text, '"a.b"')
+    assert not report.valid
+
+
 # ---------------------------------------------------------------- all problems at once
 
 
