@@ -49,6 +49,10 @@ BATCH_IN_FLIGHT_MESSAGES = 2
 #: spreads connections (not streams) over `--workers`: 2 connections land on one worker half
 #: the time, 8 split no worse than 3:5 seven times in ten (2:6 or better 93%).
 BATCH_STREAMS_PER_PROCESS = 4
+#: SettleBatch items are counted from this long after the streams start: the first answers
+#: come only when a whole message is settled (8 streams × 2 messages × 500 items in flight),
+#: so counting from the start would measure the pipeline filling, not its rate.
+BATCH_WARMUP_S = 3.0
 CLIENT_PROCESSES = int(os.environ.get("BENCH_CLIENT_PROCESSES", "2"))
 WORKERS = 2
 P99_TARGET_MS = 10.0
@@ -253,7 +257,8 @@ async def _client(target: str, token: str, load: Load, prefix: str, inputs: list
     pipe.send(("ready", None))
     start_wall = pipe.recv()
     start = time.perf_counter() + (start_wall - time.time())
-    end = start + _duration(pipe)
+    counted_from = start + (BATCH_WARMUP_S if load.mode == "batch" else 0.0)
+    end = counted_from + _duration(pipe)
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
 
     if load.mode == "closed":
@@ -300,7 +305,7 @@ async def _client(target: str, token: str, load: Load, prefix: str, inputs: list
         outcome.sent = k
         await asyncio.gather(*tasks)
     else:
-        await asyncio.gather(*(_batch(stub, metadata, settle_request, load.items, end, outcome, failed) for stub in stubs))
+        await asyncio.gather(*(_batch(stub, metadata, settle_request, load.items, counted_from, end, outcome, failed) for stub in stubs))
     for channel in channels:
         await channel.close()
     pipe.send(("done", outcome))
@@ -311,7 +316,9 @@ def _duration(pipe: Connection) -> float:
     return value
 
 
-async def _batch(stub: Any, metadata: Any, settle_request: Any, items: int, end: float, outcome: Outcome, failed: Any) -> None:
+async def _batch(
+    stub: Any, metadata: Any, settle_request: Any, items: int, counted_from: float, end: float, outcome: Outcome, failed: Any
+) -> None:
     from kpisettle.v1 import settlement_service_pb2 as ss
 
     sent, answered = 0, 0
@@ -339,7 +346,7 @@ async def _batch(stub: Any, metadata: Any, settle_request: Any, items: int, end:
         async for response in call:
             now = time.perf_counter()
             for result in response.results:
-                if now <= end:
+                if counted_from <= now <= end:
                     if result.HasField("settlement"):
                         outcome.ok += 1
                     else:
@@ -392,10 +399,17 @@ def process_tree_cpu(pid: int) -> float:
 
 
 def run_load(
-    target: str, token: str, loads: Sequence[Load], seconds: float, inputs: list[Input], server_pid: int | None = None
+    target: str,
+    token: str,
+    loads: Sequence[Load],
+    seconds: float,
+    inputs: list[Input],
+    server_pid: int | None = None,
+    warmup: float = 0.0,
 ) -> tuple[list[Outcome], float | None]:
-    """Run one load per client process over the same window: their outcomes, and the
-    server's CPU seconds in the window (None without `server_pid`)."""
+    """Run one load per client process over the same window (which starts `warmup` seconds
+    after the load does): their outcomes, and the server's CPU seconds in the window (None
+    without `server_pid`)."""
     context = multiprocessing.get_context("spawn")
     run_id = secrets.token_hex(4)
     pipes, processes = [], []
@@ -414,11 +428,11 @@ def run_load(
             pipe.send(seconds)
         cpu = None
         if server_pid is not None:
-            time.sleep(max(0.0, start - time.time()))
+            time.sleep(max(0.0, start + warmup - time.time()))
             before = process_tree_cpu(server_pid)
-            time.sleep(max(0.0, start + seconds - time.time()))
+            time.sleep(max(0.0, start + warmup + seconds - time.time()))
             cpu = process_tree_cpu(server_pid) - before
-        return [_expect(pipe, "done", seconds + 180) for pipe in pipes], cpu
+        return [_expect(pipe, "done", warmup + seconds + 180) for pipe in pipes], cpu
     finally:
         for process in processes:
             process.join(10)
@@ -527,7 +541,7 @@ def measure_server(section: str, server: ServerProcess, tokens: Tokens, settings
     )
     items = 50 if settings.quick else BATCH_ITEMS  # a smoke run's window is too short for 500
     loads = [Load("batch", items=items) for _ in range(processes)]
-    outcomes, cpu = run_load(target, tokens.erp, loads, seconds, inputs, pid)
+    outcomes, cpu = run_load(target, tokens.erp, loads, seconds, inputs, pid, warmup=BATCH_WARMUP_S)
     merged = _merge(outcomes)
     stored = merged.ok / seconds
     rows.append(
