@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from kpisettle.v1 import ruleset_service_pb2, ruleset_service_pb2_grpc, settlement_service_pb2, settlement_service_pb2_grpc
 
 from server.auth import AuthInterceptor, TokenBook
+from server.gc_tuning import tune_for_serving
 from server.ruleset_service import RulesetService
 from server.settlement_service import SettlementService
 from server.storage.interface import Store
@@ -260,6 +261,7 @@ def serve(config: Config, on_ready: Callable[[int], None], stop: threading.Event
         log.error("%s", error)
         return 1
     service.start()
+    tune_for_serving()
     on_ready(service.port)
     # Wait with a timeout: a signal that lands on one of gRPC's threads only sets a flag,
     # and its Python handler runs when the main thread next wakes; a bare wait() could
