@@ -223,7 +223,7 @@ class Settler:
             except Exception as error:
                 outcomes[i] = error
         for start in range(0, len(drafts), MAX_ITEMS_PER_TRANSACTION):
-            if start and not active():
+            if not active():  # also after the drafting: deciding 1,000 items may outlast a deadline
                 break
             self._store_group(principal, drafts[start : start + MAX_ITEMS_PER_TRANSACTION], outcomes, versions)
         for outcome in outcomes:
