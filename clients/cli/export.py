@@ -61,6 +61,7 @@ from clients.kpisettle_client import KpisettleClient, Settlement
 
 from .inputs import InputError, parse_date
 from .output import Block, Lines, Report, Table, emit, jsonable, text
+from .views import settlement_columns
 
 LINE_COLUMNS = (
     "settlement",
@@ -137,26 +138,13 @@ def add_parser(commands: Any) -> None:
 # ------------------------------------------------------------------ rows
 
 
-def _settlement_columns(s: Settlement) -> dict[str, Any]:
-    """The columns that say which contract period and revision a row belongs to."""
-    return {
-        "contract_id": s.contract_id,
-        "seller_id": s.seller_id,
-        "market": s.market,
-        "period_start": s.period_start,
-        "period_end": s.period_end,
-        "revision": s.revision,
-        "ruleset_version": s.ruleset_version,
-    }
-
-
 def line_rows(s: Settlement, skip_zero: bool) -> Iterator[dict[str, Any]]:
     for line in s.lines:
         if skip_zero and line.amount == 0:
             continue
         yield {
             "settlement": s.name,
-            **_settlement_columns(s),
+            **settlement_columns(s),
             "line": line.id,
             "kind": line.kind,
             "label": line.label,
@@ -179,7 +167,7 @@ def delta_rows(s: Settlement, skip_zero: bool) -> Iterator[dict[str, Any]]:
         yield {
             "settlement": s.name,
             "supersedes": s.supersedes,
-            **_settlement_columns(s),
+            **settlement_columns(s),
             "line": d.id,
             "label": labels.get(d.id, ""),
             "previous_amount": d.previous_amount,

@@ -68,9 +68,9 @@ def line_row(line: Line) -> dict[str, Any]:
     }
 
 
-def settlement_row(s: Settlement) -> dict[str, Any]:
+def settlement_columns(s: Settlement) -> dict[str, Any]:
+    """The columns that say which contract period and revision a row belongs to."""
     return {
-        "name": s.name,
         "contract_id": s.contract_id,
         "seller_id": s.seller_id,
         "market": s.market,
@@ -78,9 +78,11 @@ def settlement_row(s: Settlement) -> dict[str, Any]:
         "period_end": s.period_end,
         "revision": s.revision,
         "ruleset_version": s.ruleset_version,
-        "currency": s.currency,
-        "total": s.total,
     }
+
+
+def settlement_row(s: Settlement) -> dict[str, Any]:
+    return {"name": s.name, **settlement_columns(s), "currency": s.currency, "total": s.total}
 
 
 def settlement_data(s: Settlement) -> dict[str, Any]:
