@@ -156,8 +156,7 @@ class Settler:
                 # DUPLICATE_REQUEST_ID there, answered with the stored decision); the new
                 # revision goes on top of whatever is latest there (rebase), so concurrent
                 # corrections of one contract period queue instead of failing and retrying.
-                append = draft.append()
-                record = self._store.append_settlement(append.new, append.supersedes, append.rebase, append.versions_stamp)
+                record = self._store.append_settlement(draft.new, None, draft.rebase, draft.stamp)
             except VersionsChanged:  # a version was approved or retired since it was chosen: choose again
                 self._registry.forget(tenant)
                 draft = None

@@ -1092,13 +1092,14 @@ class SqlStore:
                     for row in _latest_revisions(conn, tenant, keys[start : start + _KEYS_PER_QUERY]):
                         if row.settlement_id is not None:
                             latest[(row.contract_id, row.period_start)] = (row.settlement_id, int(row.revision))
+            stale = f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen"
             if stamps and stamps != {current} and not stamp_each:
-                raise VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen")
+                raise VersionsChanged(stale)
             added: dict[str, SettlementRecord] = {}
             rows: list[dict[str, object]] = []
             for append in appends:
                 if append.versions_stamp is not None and append.versions_stamp != current:  # only with stamp_each
-                    outcomes.append(VersionsChanged(f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen"))
+                    outcomes.append(VersionsChanged(stale))
                     continue
                 try:
                     record, link = self._next_settlement(chain, append, taken, latest, added)
