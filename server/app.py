@@ -30,6 +30,7 @@ from server.settlement_service import SettlementService
 from server.storage.interface import Store
 from server.storage.sql import open_store
 from server.versions import DEFAULT_COMPILED_CACHE_SIZE, VersionRegistry
+from server.write_priority import WritePriority
 
 log = logging.getLogger("kpisettle.server")
 
@@ -166,7 +167,10 @@ class Service:
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or open_store(config.database_url)
+        # Shared by the store and the settlement service (server.write_priority); a store
+        # passed in marks its writes elsewhere, or not at all.
+        self.write_priority = WritePriority()
+        self.store = store or open_store(config.database_url, write_priority=self.write_priority)
         self.registry = VersionRegistry(self.store, compiled_cache_size=config.compiled_cache_size)
         self.health = health.HealthServicer()
         self.draining = threading.Event()
@@ -187,7 +191,8 @@ class Service:
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        settlement_service_pb2_grpc.add_SettlementServiceServicer_to_server(SettlementService(self.store, self.registry), self.server)  # type: ignore[no-untyped-call]
+        settlements = SettlementService(self.store, self.registry, self.write_priority)
+        settlement_service_pb2_grpc.add_SettlementServiceServicer_to_server(settlements, self.server)  # type: ignore[no-untyped-call]
         ruleset_service_pb2_grpc.add_RulesetServiceServicer_to_server(RulesetService(self.store, self.registry), self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

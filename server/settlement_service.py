@@ -38,6 +38,7 @@ from server.storage.interface import (
     VersionsChanged,
 )
 from server.versions import Chosen, VersionRegistry
+from server.write_priority import WritePriority
 
 log = logging.getLogger("kpisettle.settle")
 
@@ -129,9 +130,11 @@ class _Draft:
 class Settler:
     """The settle path shared by Settle, SettleBatch and Simulate (SPEC §7 idempotency and corrections)."""
 
-    def __init__(self, store: Store, registry: VersionRegistry) -> None:
+    def __init__(self, store: Store, registry: VersionRegistry, write_priority: WritePriority | None = None) -> None:
         self._store = store
         self._registry = registry
+        # The store's: decisions pause between items while this process writes (see there).
+        self._write_priority = write_priority or WritePriority()
 
     def settle(self, principal: Principal, request_id: str, message: pb.SettlementInput, expected_revision: int | None) -> Settled:
         tenant = principal.tenant
@@ -199,7 +202,9 @@ class Settler:
         tenant = principal.tenant
         outcomes: list[Settled | Exception | None] = [None] * len(run)
         requests: list[tuple[int, _Request]] = []
+        let_writers_first = self._write_priority.let_writers_first
         for i, (item, expected) in enumerate(run):
+            let_writers_first()
             try:
                 requests.append((i, self._checked(tenant, item.request_id, item.input, expected)))
             except Exception as error:  # every item gets an answer
@@ -213,6 +218,7 @@ class Settler:
         versions: dict[tuple[str, int | None, datetime.date], Chosen] = {}
         drafts: list[tuple[int, _Draft]] = []
         for i, request in requests:
+            let_writers_first()
             try:
                 existing = stored.get(request.request_id)
                 if existing is not None:
@@ -451,10 +457,11 @@ def chain_record_name(key: str) -> str:
 
 
 class SettlementService(ss_grpc.SettlementServiceServicer):
-    def __init__(self, store: Store, registry: VersionRegistry) -> None:
+    def __init__(self, store: Store, registry: VersionRegistry, write_priority: WritePriority | None = None) -> None:
         self._store = store
         self._registry = registry
-        self._settler = Settler(store, registry)
+        self._write_priority = write_priority or WritePriority()
+        self._settler = Settler(store, registry, self._write_priority)
 
     @rpc_errors
     def Settle(self, request: ss.SettleRequest, context: grpc.ServicerContext) -> ss.SettleResponse:
@@ -478,12 +485,14 @@ class SettlementService(ss_grpc.SettlementServiceServicer):
                 context.abort_with_status(rpc_status.to_status(to_status(too_many)))
             response, size = ss.SettleBatchResponse(), 0
             answered = 0
+            let_writers_first = self._write_priority.let_writers_first
             # the caller went away or the deadline passed: settle nothing more
             for item, outcome in zip(batch.items, self._settler.settle_many(principal, batch.items, context.is_active), strict=False):
                 # made in place: appending a finished result would copy it once more
                 result = response.results.add(request_id=item.request_id, item_index=index)
                 index += 1
                 answered += 1
+                let_writers_first()
                 if isinstance(outcome, Exception):  # every item gets an answer; the stream goes on
                     result.error.CopyFrom(to_status(outcome))
                 else:

@@ -79,6 +79,7 @@ from server.storage.interface import (
     VersionsChanged,
     VersionStatus,
 )
+from server.write_priority import WritePriority
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 MAX_PAGE_SIZE: Final = 1000
@@ -491,8 +492,18 @@ def _set_lock_timeout_on_checkout(engine: Engine, lock_timeout: float) -> None:
 class SqlStore:
     """`server.storage.interface.Store` on SQLAlchemy 2 (SQLite or PostgreSQL). Thread-safe."""
 
-    def __init__(self, engine: Engine, clock: Clock | None = None, *, lock_timeout: float = WRITE_LOCK_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock | None = None,
+        *,
+        lock_timeout: float = WRITE_LOCK_TIMEOUT_S,
+        write_priority: WritePriority | None = None,
+    ) -> None:
         self._engine = engine
+        # Marks the writes that hold a tenant's lock, so that this process's deciding threads
+        # pause meanwhile (server.write_priority).
+        self._write_priority = write_priority or WritePriority()
         self._writer = engine.execution_options(**{_WRITE_OPTION: True})
         self._postgres = engine.dialect.name == "postgresql"
         self._clock: Clock = clock or _utc_now
@@ -564,8 +575,9 @@ class SqlStore:
                     head, checked = self._lock_head(conn, tenant, checks)  # the checks too: the first ran unlocked
                     assert head is not None
                 writer = _ChainWriter(conn, tenant, int(head[0]), str(head[1]), checked)
-                yield writer
-                self._finish(writer)
+                with self._write_priority.holding_lock():
+                    yield writer
+                    self._finish(writer)
         except OperationalError as exc:
             if _is_lock_timeout(exc):
                 raise StoreBusy(busy) from exc
@@ -1297,18 +1309,25 @@ def upgrade_to_head(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def open_store(database_url: str, clock: Clock | None = None, *, lock_timeout: float = WRITE_LOCK_TIMEOUT_S) -> SqlStore:
+def open_store(
+    database_url: str,
+    clock: Clock | None = None,
+    *,
+    lock_timeout: float = WRITE_LOCK_TIMEOUT_S,
+    write_priority: WritePriority | None = None,
+) -> SqlStore:
     """Open (and migrate to head) the store at `database_url`.
 
     `lock_timeout` (seconds) bounds the wait for the write lock (SQLite's busy timeout, the
-    tenant's chain lock on PostgreSQL); a write that waits longer raises StoreBusy."""
+    tenant's chain lock on PostgreSQL); a write that waits longer raises StoreBusy. The
+    store marks its locked writes in `write_priority` (see server.write_priority)."""
     engine = create_engine_for(database_url, lock_timeout)
     try:
         upgrade_to_head(engine)
     except BaseException:
         engine.dispose()
         raise
-    return SqlStore(engine, clock, lock_timeout=lock_timeout)
+    return SqlStore(engine, clock, lock_timeout=lock_timeout, write_priority=write_priority)
 
 
 __all__ = ["ChainReport", "SqlStore", "StoreBusy", "alembic_config", "create_engine_for", "metadata", "open_store", "upgrade_to_head"]
