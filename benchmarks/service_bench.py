@@ -56,6 +56,9 @@ BATCH_WARMUP_S = 3.0
 CLIENT_PROCESSES = int(os.environ.get("BENCH_CLIENT_PROCESSES", "2"))
 WORKERS = 2
 P99_TARGET_MS = 10.0
+#: Stored settlements/s, on SQLite and on PostgreSQL, judged with `--workers 2` (both of
+#: the machine's cores; the issue's multi-process serving is there for that): one process
+#: runs its Python on one core, ~0.3 ms per item, so it cannot get near 5,000 on its own.
 BATCH_TARGET = 5_000
 WORKERS_TARGET = 1_500
 
@@ -493,7 +496,11 @@ def _cpu_note(cpu: float | None, count: int, what: str = "req") -> str:
     return f"server CPU {1000 * cpu / count:.2f} ms/{what}"
 
 
-def measure_server(section: str, server: ServerProcess, tokens: Tokens, settings: Settings, workers: int, inputs: list[Input]) -> list[Row]:
+def measure_server(
+    section: str, server: ServerProcess, tokens: Tokens, settings: Settings, workers: int, inputs: list[Input], judge_batch: bool = True
+) -> list[Row]:
+    """The service rows of one server. `judge_batch`: whether its SettleBatch row is held to
+    the target (not a lone process when the `--workers 2` run follows: see BATCH_TARGET)."""
     rows: list[Row] = []
     target, pid = server.target, server.process.pid
     seconds = settings.service_seconds
@@ -550,9 +557,9 @@ def measure_server(section: str, server: ServerProcess, tokens: Tokens, settings
             f"{prefix}SettleBatch, {processes * BATCH_STREAMS_PER_PROCESS} streams × {items} items/message",
             stored,
             "stored/s",
-            target=f"≥ {BATCH_TARGET:,}",
-            met=stored >= BATCH_TARGET and not merged.errors,
-            note=_errors_note(merged) or _cpu_note(cpu, merged.ok, "item"),
+            target=f"≥ {BATCH_TARGET:,}" if judge_batch else f"(≥ {BATCH_TARGET:,}: --workers {WORKERS})",
+            met=stored >= BATCH_TARGET and not merged.errors if judge_batch else None,
+            note=_errors_note(merged) or "; ".join(filter(None, [_cpu_note(cpu, merged.ok, "item"), "" if judge_batch else "one process"])),
             extra={"stored": merged.ok, "seconds": seconds, "server_cpu_seconds": cpu},
         )
     )
@@ -577,7 +584,8 @@ def run(settings: Settings) -> list[Row]:
                         server = ServerProcess(url, tokens, workers)
                         try:
                             load_us_ruleset(server.target, tokens)
-                            rows += measure_server(section, server, tokens, settings, workers, inputs)
+                            judge_batch = workers > 1 or not offers_workers
+                            rows += measure_server(section, server, tokens, settings, workers, inputs, judge_batch)
                         finally:
                             server.stop()
                 except Unavailable as reason:
