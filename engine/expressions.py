@@ -544,12 +544,11 @@ def compile_evidence(node: Node, integral: Collection[str] = ()) -> Explainer:
     """
     if isinstance(node, Compare):
         places = 0 if is_integral(node.left, integral) and is_integral(node.right, integral) else _literal_places(node)
-        left, right = _side(node.left, places), _side(node.right, places)
         op = node.op
         constant = _constant_text(node.right, places)
         if constant is not None:  # the usual `probe > 0.28`: the right side is text made once
-            tail = f" {op} {constant}"
-            return lambda env, memo: left(env, memo) + tail
+            return _side(node.left, places, f" {op} {constant}")  # one call per condition, not two
+        left, right = _side(node.left, places), _side(node.right, places)
         return lambda env, memo: f"{left(env, memo)} {op} {right(env, memo)}"
     if isinstance(node, Logic):
         parts = tuple((compile_evidence(o, integral), isinstance(o, Logic)) for o in node.operands)
@@ -620,10 +619,12 @@ def _constant_text(node: Node, places: int) -> str | None:
     return None
 
 
-def _side(node: Node, places: int) -> Explainer:
+def _side(node: Node, places: int, tail: str = "") -> Explainer:
+    """How one side of a comparison reads, followed by `tail` (the rest of the evidence, if constant)."""
     constant = _constant_text(node, places)
     if constant is not None:
-        return lambda env, memo: constant
+        text = constant + tail
+        return lambda env, memo: text
     value_of, prefix = compile_node(node), source_text(node) + " "
     # The same probe shown the same way in several rules is formatted once; one string as
     # the key (its hash is kept), unique since the prefix ends in a space and places has none.
@@ -639,6 +640,6 @@ def _side(node: Node, places: int) -> Explainer:
             else:
                 text = prefix + (shown_value(value, places) if isinstance(value, Decimal) else str(value))
             memo[key] = text
-        return text
+        return text + tail  # an empty tail returns the text itself
 
     return side
