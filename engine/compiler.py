@@ -93,15 +93,15 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         if fee.kind is FeeKind.BONUS and fee.steps_on is not None:
             for step in fee.steps:
                 condition_rules.append((step.rule, step.condition))
-                explained.append(Explained(step.rule, "bonus_step", compile_evidence(step.when, integral)))
+                explained.append((step.rule, "bonus_step", compile_evidence(step.when, integral)))
         elif fee.condition is not None and fee.when is not None:
             condition_rules.append((fee.id, fee.condition))
-            explained.append(Explained(fee.id, fee.kind.value, compile_evidence(fee.when.tree, integral)))
+            explained.append((fee.id, fee.kind.value, compile_evidence(fee.when.tree, integral)))
     for warning in ruleset.warnings:
         condition_rules.append((warning.id, warning.condition))
         explainer = compile_evidence(warning.when.tree, integral)
         explainers[warning.id] = explainer
-        explained.append(Explained(warning.id, "warning", explainer))
+        explained.append((warning.id, "warning", explainer))
     try:
         exemption_matcher = Matcher(exemption_rules, ruleset.name_types, integral, markets)
         condition_matcher = Matcher(condition_rules, ruleset.name_types, integral, markets)

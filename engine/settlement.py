@@ -8,7 +8,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, DecimalException
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from engine.decision import Decision, ExemptionOutcome, FxUsed, Line, RaisedWarning, RuleOutcome
 from engine.expressions import Env, Explainer, Scalar, ZeroDivision
@@ -40,12 +40,9 @@ _new = tuple.__new__
 ctx = ARITHMETIC
 
 
-class Explained(NamedTuple):
-    """A rule's name, kind and its precompiled evidence writer (a tuple: unpacked per settlement)."""
-
-    rule: str
-    kind: str
-    explain: Explainer
+#: A rule's name, kind and its precompiled evidence writer, unpacked once per rule per settlement:
+#: a plain tuple, because CPython unpacks only exact tuples without making an iterator.
+Explained = tuple[str, str, Explainer]
 
 
 def period_bounds(start: datetime.date, period: Period) -> tuple[datetime.date, datetime.date] | None:
