@@ -30,6 +30,8 @@ class CompiledRuleset:
     exemption_matcher: Matcher
     condition_matcher: Matcher
     rules: tuple[Explained, ...]
+    #: per warning: its index in `rules`, id, English and Chinese message
+    warning_plans: tuple[tuple[int, str, str, str], ...]
     explainers: dict[str, Explainer]
     document: SourceDocument
     input_names: dict[str, frozenset[str]]
@@ -88,6 +90,7 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
     exemption_rules: list[tuple[str, Condition]] = [(e.name, e.condition) for e in ruleset.exemptions]
     condition_rules: list[tuple[str, Condition]] = []
     explained: list[Explained] = []
+    warning_plans: list[tuple[int, str, str, str]] = []
     explainers: dict[str, Explainer] = {e.name: compile_evidence(e.when.tree, integral) for e in ruleset.exemptions}
     for fee in ruleset.fees:
         if fee.kind is FeeKind.BONUS and fee.steps_on is not None:
@@ -101,6 +104,7 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         condition_rules.append((warning.id, warning.condition))
         explainer = compile_evidence(warning.when.tree, integral)
         explainers[warning.id] = explainer
+        warning_plans.append((len(explained), warning.id, warning.message.en, warning.message.zh))
         explained.append((warning.id, "warning", explainer))
     try:
         exemption_matcher = Matcher(exemption_rules, ruleset.name_types, integral, markets)
@@ -115,6 +119,7 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         exemption_matcher=exemption_matcher,
         condition_matcher=condition_matcher,
         rules=tuple(explained),
+        warning_plans=tuple(warning_plans),
         explainers=explainers,
         document=document,
         input_names={

@@ -223,11 +223,9 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     total = ZERO
     for line in lines:
         total = ctx.add(total, line.amount)
-    # 11. warnings
-    explainers = compiled.explainers
-    warnings = tuple(
-        [_new(RaisedWarning, (w.id, w.message.en, w.message.zh, explainers[w.id](env, memo))) for w in ruleset.warnings if w.id in fired]
-    )
+    # 11. warnings: a fired warning's evidence is its rule's, written in step 6 (conditions cannot
+    # use fee lines, the only names added since, so writing it again would give the same text)
+    warnings = tuple([_new(RaisedWarning, (wid, en, zh, rules[i].evidence)) for i, wid, en, zh in compiled.warning_plans if wid in fired])
     # positional, in Decision's field order (tuple.__new__ skips the generated __new__ with 21 keywords)
     return _new(
         Decision,
