@@ -29,6 +29,8 @@ class CompiledRuleset:
     warnings: tuple[Problem, ...]
     exemption_matcher: Matcher
     condition_matcher: Matcher
+    #: per exemption: name, evidence writer, English and Chinese label (plain tuples, unpacked per settlement)
+    exemption_plans: tuple[tuple[str, Explainer, str, str], ...]
     rules: tuple[Explained, ...]
     #: per warning: its index in `rules`, id, English and Chinese message
     warning_plans: tuple[tuple[int, str, str, str], ...]
@@ -118,6 +120,7 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         warnings=tuple(p for p in problems if p.severity is Severity.WARNING),
         exemption_matcher=exemption_matcher,
         condition_matcher=condition_matcher,
+        exemption_plans=tuple((e.name, explainers[e.name], e.label.en, e.label.zh) for e in ruleset.exemptions),
         rules=tuple(explained),
         warning_plans=tuple(warning_plans),
         explainers=explainers,

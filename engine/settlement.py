@@ -102,10 +102,7 @@ def _settle(compiled: CompiledRuleset, request: SettlementRequest) -> Decision:
     applied = _decide(compiled.exemption_matcher.decide, env, "exemptions")
     memo: dict[Any, str] = {}  # shown values of this settlement's evidence (exemptions)
     exemptions = tuple(
-        [
-            _new(ExemptionOutcome, (e.name, e.name in applied, compiled.explainers[e.name](env, memo), e.label.en, e.label.zh))
-            for e in ruleset.exemptions
-        ]
+        [_new(ExemptionOutcome, (name, name in applied, explain(env, memo), en, zh)) for name, explain, en, zh in compiled.exemption_plans]
     )
     # 4. target proration
     days = ZERO
