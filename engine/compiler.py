@@ -34,7 +34,6 @@ class CompiledRuleset:
     rules: tuple[Explained, ...]
     #: per warning: its index in `rules`, id, English and Chinese message
     warning_plans: tuple[tuple[int, str, str, str], ...]
-    explainers: dict[str, Explainer]
     document: SourceDocument
     input_names: dict[str, frozenset[str]]
     fee_plans: tuple[FeePlan, ...]
@@ -93,7 +92,6 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
     condition_rules: list[tuple[str, Condition]] = []
     explained: list[Explained] = []
     warning_plans: list[tuple[int, str, str, str]] = []
-    explainers: dict[str, Explainer] = {e.name: compile_evidence(e.when.tree, integral) for e in ruleset.exemptions}
     for fee in ruleset.fees:
         if fee.kind is FeeKind.BONUS and fee.steps_on is not None:
             for step in fee.steps:
@@ -104,10 +102,8 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
             explained.append((fee.id, fee.kind.value, compile_evidence(fee.when.tree, integral)))
     for warning in ruleset.warnings:
         condition_rules.append((warning.id, warning.condition))
-        explainer = compile_evidence(warning.when.tree, integral)
-        explainers[warning.id] = explainer
         warning_plans.append((len(explained), warning.id, warning.message.en, warning.message.zh))
-        explained.append((warning.id, "warning", explainer))
+        explained.append((warning.id, "warning", compile_evidence(warning.when.tree, integral)))
     try:
         exemption_matcher = Matcher(exemption_rules, ruleset.name_types, integral, markets)
         condition_matcher = Matcher(condition_rules, ruleset.name_types, integral, markets)
@@ -120,10 +116,9 @@ def _compile(document: SourceDocument, ruleset: Ruleset, problems: list[Problem]
         warnings=tuple(p for p in problems if p.severity is Severity.WARNING),
         exemption_matcher=exemption_matcher,
         condition_matcher=condition_matcher,
-        exemption_plans=tuple((e.name, explainers[e.name], e.label.en, e.label.zh) for e in ruleset.exemptions),
+        exemption_plans=tuple((e.name, compile_evidence(e.when.tree, integral), e.label.en, e.label.zh) for e in ruleset.exemptions),
         rules=tuple(explained),
         warning_plans=tuple(warning_plans),
-        explainers=explainers,
         document=document,
         input_names={
             "metrics": frozenset(m.name for m in ruleset.metrics),

@@ -124,35 +124,22 @@ class Decision(NamedTuple):
             "params": [{"name": name, "value": plain(value)} for name, value in self.params],
             "kpis": [{"name": name, "value": plain(value)} for name, value in self.kpis],
             "rules": [{"rule": rule, "kind": kind, "fired": fired, "evidence": evidence} for rule, kind, fired, evidence in self.rules],
-            "lines": self._lines(),
-            "total": plain(self.total),
-            "warnings": [{"id": w.id, "message": {"en": w.message_en, "zh": w.message_zh}, "evidence": w.evidence} for w in self.warnings],
-        }
-
-    def _lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for line_id, kind, en, zh, basis, rate, exact, amount, waived_by in self.lines:
-            # plain() inlined for the two decimals of every line: str() is already plain text
-            # unless it has an exponent or is a negative zero (rare, left to plain())
-            exact_text = str(exact)
-            if "E" in exact_text or exact_text[0] == "-":
-                exact_text = plain(exact)
-            amount_text = str(amount)
-            if "E" in amount_text or amount_text[0] == "-":
-                amount_text = plain(amount)
-            lines.append(
+            "lines": [
                 {
                     "id": line_id,
                     "kind": kind,
                     "label": {"en": en, "zh": zh},
                     "basis": None if basis is None else plain(basis),
                     "rate": None if rate is None else plain(rate),
-                    "exact": exact_text,
-                    "amount": amount_text,
+                    "exact": plain(exact),
+                    "amount": plain(amount),
                     "waived_by": list(waived_by),
                 }
-            )
-        return lines
+                for line_id, kind, en, zh, basis, rate, exact, amount, waived_by in self.lines
+            ],
+            "total": plain(self.total),
+            "warnings": [{"id": w.id, "message": {"en": w.message_en, "zh": w.message_zh}, "evidence": w.evidence} for w in self.warnings],
+        }
 
     def to_canonical_json(self) -> bytes:
         """Sorted keys, no spaces, UTF-8: byte-identical for identical inputs and ruleset version."""
