@@ -568,11 +568,10 @@ class SqlStore:
         if local is not None and not local.acquire(timeout=self._lock_timeout):
             raise StoreBusy(busy)
         file_lock = self._file_lock
-        if file_lock is not None and not file_lock.acquire(self._lock_timeout):
-            if local is not None:
-                local.release()
-            raise StoreBusy(busy)
         try:
+            if file_lock is not None and not file_lock.acquire(self._lock_timeout):
+                file_lock = None  # not had: nothing to let go of
+                raise StoreBusy(busy)
             with self._write_transaction() as conn:
                 head, checked = self._lock_head(conn, tenant, checks)
                 if head is None:  # the tenant's first write: make its head row, then lock it
