@@ -139,6 +139,27 @@ def test_a_stale_correction_with_rebase_goes_on_top_of_the_latest(store: SqlStor
     assert (fourth.revision, fourth.data.deltas_json, not_called.seen) == (4, b'["mine"]', [])
 
 
+def test_append_settlements_reads_the_checks_of_more_keys_than_one_lookup_takes(store: SqlStore, tenant: str) -> None:
+    """301 keys: two lookups of each kind (250 + 51, the second padded to 64 with its last
+    key), read in the round trip that locks the chain head; every answer lands on its key."""
+    firsts = store.append_settlements([Append(settlement(tenant, f"r-{i:03d}", f"c-{i:03d}"), None) for i in range(0, 301, 3)])
+    latest = {record.data.contract_id: record for record in firsts if isinstance(record, SettlementRecord)}
+    assert len(latest) == 101
+    rebase = Rebases("batch")
+    outcomes = store.append_settlements(
+        [Append(settlement(tenant, f"r2-{i:03d}", f"c-{i:03d}"), None, rebase) for i in range(301)]
+        + [Append(settlement(tenant, f"r-{i:03d}", "c-any"), None) for i in (0, 249, 252, 300)]  # taken, in both lookups
+    )
+    corrections, resent = outcomes[:301], outcomes[301:]
+    for i, outcome in enumerate(corrections):
+        assert isinstance(outcome, SettlementRecord)
+        before = latest.get(f"c-{i:03d}")
+        assert (outcome.revision, outcome.supersedes_id) == ((2, before.settlement_id) if before else (1, None)), i
+    assert rebase.seen == [record.settlement_id for record in firsts if isinstance(record, SettlementRecord)]
+    assert [reason(o) for o in resent] == ["DUPLICATE_REQUEST_ID"] * 4
+    assert store.verify_tenant_chain(tenant).records == 101 + 301
+
+
 def test_settlements_by_requests_finds_the_tenants_stored_ones(store: SqlStore, tenant: str) -> None:
     stored = store.append_settlements([Append(settlement(tenant, f"r-{i:03d}", f"c-{i}"), None) for i in range(0, 600, 2)])
     store.append_settlement(settlement(f"{tenant}-other", "r-001", "c-1"), None)  # another tenant's r-001

@@ -335,10 +335,11 @@ def _settled_ids(conn: Connection, tenant: str, request_ids: Sequence[str]) -> I
 
 
 @functools.cache
-def _latest_revisions_select(length: int) -> sa.TextualSelect:
-    """(contract_id, period_start, latest settlement_id or NULL, its revision or NULL) for
-    each of `length` keys bound as c0/p0, c1/p1, …"""
-    rows = ", ".join(f"(:c{i}, :p{i})" for i in range(length))
+def _latest_revisions_select(length: int) -> sa.TextClause:
+    """(n, latest settlement_id or NULL, its revision or NULL) for each of `length` keys
+    bound as c0/p0, c1/p1, …, where n is the key's position in that list (a position, not
+    the key: the driver's own rows do not turn SQLite's date text back into a date)."""
+    rows = ", ".join(f"({i}, :c{i}, :p{i})" for i in range(length))
 
     def latest(column: str) -> str:
         return (
@@ -348,28 +349,13 @@ def _latest_revisions_select(length: int) -> sa.TextualSelect:
         )
 
     statement = sa.text(
-        f"WITH wanted (contract_id, period_start) AS (VALUES {rows}) "
-        f"SELECT wanted.contract_id, wanted.period_start, {latest('settlement_id')} AS settlement_id, "
-        f"{latest('revision')} AS revision FROM wanted"
+        f"WITH wanted (n, contract_id, period_start) AS (VALUES {rows}) "
+        f"SELECT wanted.n, {latest('settlement_id')} AS settlement_id, {latest('revision')} AS revision FROM wanted"
     )
     binds: list[sa.BindParameter[Any]] = [sa.bindparam("tenant", type_=sa.String)]
     for i in range(length):
         binds += [sa.bindparam(f"c{i}", type_=sa.String), sa.bindparam(f"p{i}", type_=sa.Date)]
-    return statement.bindparams(*binds).columns(
-        sa.column("contract_id", sa.String),
-        sa.column("period_start", sa.Date),
-        sa.column("settlement_id", sa.String),
-        sa.column("revision", sa.Integer),
-    )
-
-
-def _latest_revisions(conn: Connection, tenant: str, keys: Sequence[tuple[str, datetime.date]]) -> Iterator[sa.Row[Any]]:
-    length, padded = _padded(keys)
-    params: dict[str, object] = {"tenant": tenant}
-    for i, (contract_id, period_start) in enumerate(padded):
-        params[f"c{i}"] = contract_id
-        params[f"p{i}"] = period_start
-    return iter(conn.execute(_latest_revisions_select(length), params))
+    return statement.bindparams(*binds)
 
 
 _SETTLEMENTS_BY_ID: Final = sa.select(settlements).where(settlements.c.settlement_id.in_(sa.bindparam("settlement_ids", expanding=True)))
@@ -410,27 +396,55 @@ def _column_names(table: sa.Table) -> dict[str, None]:
     return dict.fromkeys(str(column.name) for column in table.columns)
 
 
+#: A statement and its parameters, run right after the chain head is locked, in the same
+#: round trip on PostgreSQL (see SqlStore._lock_head).
+Lookup = tuple[DriverStatement, dict[str, object]]
+
+
 class _SettlePathStatements:
     """The statements `SqlStore._write` runs on the driver's cursor (see server.storage.driver)."""
 
     def __init__(self, dialect: sa.Dialect) -> None:
+        self._dialect = dialect
         self.head = DriverStatement(_HEAD_FOR_UPDATE if dialect.name == "postgresql" else _HEAD, dialect)
         self.single_checks = DriverStatement(_SINGLE_CHECKS, dialect)
+        self.versions_stamp = DriverStatement(_VERSIONS_STAMP, dialect)
         self.insert_settlements = DriverStatement(settlements.insert(), dialect, [column.name for column in settlements.columns])
         self.save_head = DriverStatement(_SAVE_HEAD, dialect, ["last_seq", "last_hash"])
+        self._settled_ids = {length: DriverStatement(_settled_ids_select(length), dialect) for length in _KEY_LIST_LENGTHS}
+        self._latest = {length: DriverStatement(_latest_revisions_select(length), dialect) for length in _KEY_LIST_LENGTHS}
+
+    def settled_ids(self, tenant: str, request_ids: Sequence[str]) -> Lookup:
+        """Rows (request_id, settlement_id or NULL) for 1 to _KEYS_PER_QUERY request ids."""
+        length, padded = _padded(request_ids)
+        params: dict[str, object] = {f"r{i}": key for i, key in enumerate(padded)}
+        params["tenant"] = tenant
+        statement = self._settled_ids[length]
+        return statement, statement.params(params)
+
+    def latest_revisions(self, tenant: str, keys: Sequence[tuple[str, datetime.date]]) -> Lookup:
+        """Rows (position in `keys`, latest settlement_id or NULL, its revision or NULL) for
+        1 to _KEYS_PER_QUERY (contract_id, period_start) keys."""
+        length, padded = _padded(keys)
+        params: dict[str, object] = {"tenant": tenant}
+        for i, (contract_id, period_start) in enumerate(padded):
+            params[f"c{i}"] = contract_id
+            params[f"p{i}"] = period_start
+        statement = self._latest[length]
+        return statement, statement.params(params)
 
 
 class _ChainWriter:
     """Appends links to one tenant's chain inside a write transaction that holds its lock."""
 
-    def __init__(self, conn: Connection, tenant: str, seq: int, last_hash: str, checks: Sequence[Any] | None) -> None:
+    def __init__(self, conn: Connection, tenant: str, seq: int, last_hash: str, looked_up: list[list[Any]]) -> None:
         self.conn = conn
         self.tenant = tenant
         self.seq = seq
         self.last_hash = last_hash
         self.start_seq = seq
-        #: The row of _SINGLE_CHECKS when `SqlStore._write` was asked for it (stamp, taken, latest_id, latest_revision).
-        self.checks = checks
+        #: The rows of each lookup `SqlStore._write` was given, read with the lock held.
+        self.looked_up = looked_up
         #: Settlement rows to insert when the transaction ends, with the new head (one round trip on PostgreSQL).
         self.pending_settlements: list[dict[str, object]] = []
 
@@ -557,12 +571,11 @@ class SqlStore:
         return now.astimezone(datetime.UTC)
 
     @contextmanager
-    def _write(self, tenant: str, checks: Mapping[str, object] | None = None) -> Iterator[_ChainWriter]:
+    def _write(self, tenant: str, lookups: Sequence[Lookup] = ()) -> Iterator[_ChainWriter]:
         """One write transaction holding `tenant`'s chain lock; commits on success.
 
-        With `checks` (the parameters of _SINGLE_CHECKS), the writer's `checks` is its row,
-        read right after the lock is had. StoreBusy when the lock is not had within the
-        store's lock timeout."""
+        The writer's `looked_up` holds the rows of each of `lookups`, read right after the
+        lock is had. StoreBusy when the lock is not had within the store's lock timeout."""
         busy = f"no write lock on the database within {self._lock_timeout:g} s"
         local = self._local_write_lock
         if local is not None and not local.acquire(timeout=self._lock_timeout):
@@ -573,7 +586,7 @@ class SqlStore:
                 file_lock = None  # not had: nothing to let go of
                 raise StoreBusy(busy)
             with self._write_transaction() as conn:
-                head, checked = self._lock_head(conn, tenant, checks)
+                head, looked_up = self._lock_head(conn, tenant, lookups)
                 if head is None:  # the tenant's first write: make its head row, then lock it
                     if self._postgres:
                         conn.execute(
@@ -583,9 +596,9 @@ class SqlStore:
                         )
                     else:
                         conn.execute(chain_heads.insert().values(tenant=tenant, last_seq=0, last_hash=GENESIS_HASH))
-                    head, checked = self._lock_head(conn, tenant, checks)  # the checks too: the first ran unlocked
+                    head, looked_up = self._lock_head(conn, tenant, lookups)  # the lookups too: the first ran unlocked
                     assert head is not None
-                writer = _ChainWriter(conn, tenant, int(head[0]), str(head[1]), checked)
+                writer = _ChainWriter(conn, tenant, int(head[0]), str(head[1]), looked_up)
                 with self._write_priority.holding_lock():
                     yield writer
                     self._finish(writer)
@@ -599,26 +612,27 @@ class SqlStore:
             if local is not None:
                 local.release()
 
-    def _lock_head(self, conn: Connection, tenant: str, checks: Mapping[str, object] | None) -> tuple[Any, Any]:
-        """The tenant's chain head (last_seq, last_hash) or None, locked, and the row of
-        _SINGLE_CHECKS for `checks` read after the lock (None without `checks`).
+    def _lock_head(self, conn: Connection, tenant: str, lookups: Sequence[Lookup]) -> tuple[Any, list[list[Any]]]:
+        """The tenant's chain head (last_seq, last_hash) or None, locked, and the rows of each
+        of `lookups`, read after the lock.
 
         PostgreSQL: the BEGIN, the ``SELECT … FOR UPDATE`` (lock_timeout is the session's,
-        see _set_lock_timeout_on_checkout) and the checks go in one round trip; the checks
-        statement starts after the lock is had, so its snapshot sees every write committed
-        before. SQLite: BEGIN IMMEDIATE already holds the database's write lock."""
+        see _set_lock_timeout_on_checkout) and the lookups go in one round trip; each lookup
+        starts after the lock is had, so its snapshot sees every write committed before.
+        SQLite: BEGIN IMMEDIATE already holds the database's write lock."""
         raw = driver_connection(conn)
-        statements = self._statements
-        with as_sqlalchemy_errors(conn, statements.head.sql), pipeline(raw, self._postgres):
+        head_statement = self._statements.head
+        with as_sqlalchemy_errors(conn, head_statement.sql), pipeline(raw, self._postgres):
             head_cursor = raw.cursor()
-            head_cursor.execute(statements.head.sql, statements.head.params({"tenant": tenant}))
-            checks_cursor = None
-            if checks is not None:
-                checks_cursor = raw.cursor()
-                checks_cursor.execute(statements.single_checks.sql, statements.single_checks.params(checks))
+            head_cursor.execute(head_statement.sql, head_statement.params({"tenant": tenant}))
+            cursors = []
+            for statement, params in lookups:
+                cursor = raw.cursor()
+                cursor.execute(statement.sql, params)
+                cursors.append(cursor)
             head = head_cursor.fetchone()
-            checked = checks_cursor.fetchone() if checks_cursor is not None else None
-        return head, checked
+            looked_up = [cursor.fetchall() for cursor in cursors]
+        return head, looked_up
 
     def _finish(self, writer: _ChainWriter) -> None:
         """Insert the writer's pending settlements and save the new head; on PostgreSQL also
@@ -1089,34 +1103,41 @@ class SqlStore:
         keys = sorted({(append.new.contract_id, append.new.period_start) for append in appends})
         outcomes: list[SettlementRecord | Conflict] = []
         stamps = {append.versions_stamp for append in appends if append.versions_stamp is not None}
-        single = None
-        if len(appends) == 1:  # a Settle: what its checks need in one statement, read with the lock
+        statements = self._statements
+        lookups: list[Lookup] = []
+        if len(appends) == 1:  # a Settle: what its checks need in one statement
             ((contract_id, period_start),) = keys
-            single = {"tenant": tenant, "request_id": request_ids[0], "contract_id": contract_id, "period_start": period_start}
-        with self._write(tenant, single) as chain:
-            conn = chain.conn
+            checks = {"tenant": tenant, "request_id": request_ids[0], "contract_id": contract_id, "period_start": period_start}
+            lookups.append((statements.single_checks, statements.single_checks.params(checks)))
+        else:  # the versions stamp, the request ids taken, the latest revision of each key
+            lookups.append((statements.versions_stamp, statements.versions_stamp.params({"tenant": tenant})))
+            for start in range(0, len(request_ids), _KEYS_PER_QUERY):
+                lookups.append(statements.settled_ids(tenant, request_ids[start : start + _KEYS_PER_QUERY]))
+            for start in range(0, len(keys), _KEYS_PER_QUERY):
+                lookups.append(statements.latest_revisions(tenant, keys[start : start + _KEYS_PER_QUERY]))
+        with self._write(tenant, lookups) as chain:
+            # What the checks need, read under the lock, then kept up to date in memory as
+            # the settlements are added: the request ids taken, and the latest revision of
+            # each (contract, period).
             taken: set[str] = set()
             latest: dict[tuple[str, datetime.date], tuple[str, int]] = {}
-            if chain.checks is not None:
-                stamp, taken_id, latest_id, latest_revision = chain.checks
-                current = int(stamp or 0)
+            if len(appends) == 1:
+                ((stamp, taken_id, latest_id, latest_revision),) = chain.looked_up[0]
                 if taken_id is not None:
                     taken.add(request_ids[0])
                 if latest_id is not None:
                     latest[(contract_id, period_start)] = (str(latest_id), int(latest_revision))
             else:
-                current = int(conn.execute(_VERSIONS_STAMP, {"tenant": tenant}).scalar_one_or_none() or 0) if stamps else 0
-                # What the checks need, read at once under the lock, then kept up to date in
-                # memory as the settlements are added: the request ids taken, and the latest
-                # revision of each (contract, period).
-                for start in range(0, len(request_ids), _KEYS_PER_QUERY):
-                    for row in _settled_ids(conn, tenant, request_ids[start : start + _KEYS_PER_QUERY]):
-                        if row.settlement_id is not None:
-                            taken.add(row.request_id)
-                for start in range(0, len(keys), _KEYS_PER_QUERY):
-                    for row in _latest_revisions(conn, tenant, keys[start : start + _KEYS_PER_QUERY]):
-                        if row.settlement_id is not None:
-                            latest[(row.contract_id, row.period_start)] = (row.settlement_id, int(row.revision))
+                ((stamp,),) = chain.looked_up[0]
+                id_chunks = -(-len(request_ids) // _KEYS_PER_QUERY)
+                for found in chain.looked_up[1 : 1 + id_chunks]:
+                    taken.update(str(request_id) for request_id, settlement_id in found if settlement_id is not None)
+                for start, found in zip(range(0, len(keys), _KEYS_PER_QUERY), chain.looked_up[1 + id_chunks :], strict=True):
+                    chunk = keys[start : start + _KEYS_PER_QUERY]
+                    for position, settlement_id, revision in found:  # a padding position repeats the chunk's last key
+                        if settlement_id is not None:
+                            latest[chunk[min(int(position), len(chunk) - 1)]] = (str(settlement_id), int(revision))
+            current = int(stamp or 0)
             stale = f"the tenant's ruleset versions changed (stamp {current}) since a version was chosen"
             if stamps and stamps != {current} and not stamp_each:
                 raise VersionsChanged(stale)
