@@ -405,7 +405,6 @@ class _SettlePathStatements:
     """The statements `SqlStore._write` runs on the driver's cursor (see server.storage.driver)."""
 
     def __init__(self, dialect: sa.Dialect) -> None:
-        self._dialect = dialect
         self.head = DriverStatement(_HEAD_FOR_UPDATE if dialect.name == "postgresql" else _HEAD, dialect)
         self.single_checks = DriverStatement(_SINGLE_CHECKS, dialect)
         self.versions_stamp = DriverStatement(_VERSIONS_STAMP, dialect)
