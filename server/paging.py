@@ -13,12 +13,15 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 
-def page_size(requested: int, maximum: int | None = None) -> int:
-    """0 → the default; above the maximum → the maximum; negative → INVALID_ARGUMENT."""
+def page_size(requested: int, maximum: int | None = None, *, default: int | None = None) -> int:
+    """0 → the default; above the maximum → the maximum; negative → INVALID_ARGUMENT.
+
+    `default` and `maximum` are per RPC (AnalyzeImpact's pages are larger than a list's)."""
     maximum = MAX_PAGE_SIZE if maximum is None else maximum  # read at call time (tests lower it)
+    default = DEFAULT_PAGE_SIZE if default is None else default
     if requested < 0:
         raise invalid("page_size must not be negative", [Violation("page_size", f"{requested} is negative")])
-    return min(DEFAULT_PAGE_SIZE, maximum) if requested == 0 else min(requested, maximum)
+    return min(default, maximum) if requested == 0 else min(requested, maximum)
 
 
 def encode_token(kind: str, key: Any) -> str:

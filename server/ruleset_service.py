@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 import threading
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -23,12 +25,19 @@ from server import convert
 from server.auth import current_principal
 from server.errors import ServiceError, Violation, invalid, problem_violations, rpc_errors
 from server.paging import decode_token, encode_token, page_size
-from server.storage.interface import Conflict, LifecycleAction, RulesetVersionRecord, Store, VersionStatus
+from server.storage.interface import Conflict, LifecycleAction, RulesetVersionRecord, SettlementRecord, Store, VersionStatus
 from server.versions import VersionRegistry
 
 MAX_NOTE_CHARS = 2000
 #: Summaries of stored sources (title, currency, warnings, examples) kept in memory.
 SUMMARY_CACHE_SIZE = 4096
+#: AnalyzeImpact pages (AIP-158): 0 → the default; above the maximum → the maximum. Each page
+#: also stops before IMPACT_MAX_PAGE_BYTES, well below gRPC's 4 MiB default message limit
+#: (an impact with a long error can be far larger than the usual ~150 bytes).
+IMPACT_DEFAULT_PAGE_SIZE = 1000
+IMPACT_MAX_PAGE_SIZE = 10_000
+IMPACT_MAX_PAGE_BYTES = 3 * 1024 * 1024
+IMPACT_TOKEN = "impact"
 _TOKEN_RULESET = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
@@ -108,6 +117,36 @@ def _list_token(parent: str, token: str) -> tuple[str, int] | None:
         and 0 < key[2] < 2**31
     ):
         return key[1], key[2]
+    raise damaged
+
+
+def _impact_position(token: str, bound: list[str], start: datetime.date, end: datetime.date) -> tuple[datetime.date, str] | None:
+    """The (period_start, contract_id) after which an AnalyzeImpact page starts. A token is
+    bound to the candidate and range it was issued for (`bound`): pages of another analysis
+    would mix two candidates' totals."""
+    damaged = invalid(
+        "page_token is not a token this analysis returned",
+        [Violation("page_token", "unknown or damaged token, or one of another candidate or period range")],
+    )
+    try:
+        key: Any = decode_token(IMPACT_TOKEN, token)
+    except KeyError as exc:  # a decodable token without its key
+        raise damaged from exc
+    if key is None:
+        return None
+    try:
+        *issued_for, period_start, contract_id = key
+        if (
+            issued_for == bound
+            and isinstance(period_start, str)
+            and isinstance(contract_id, str)
+            and convert.ID_TEXT.fullmatch(contract_id)
+        ):
+            day = datetime.date.fromisoformat(period_start)
+            if start <= day <= end:
+                return day, contract_id
+    except (TypeError, ValueError):
+        pass
     raise damaged
 
 
@@ -297,48 +336,78 @@ class RulesetService(rs_grpc.RulesetServiceServicer):
         violations: list[Violation] = []
         start = convert.to_date(request.period_start_from_date, "period_start_from_date", violations)
         end = convert.to_date(request.period_start_to_date, "period_start_to_date", violations)
+        if request.page_size < 0:
+            violations.append(Violation("page_size", f"{request.page_size} is negative"))
         if violations:
-            raise invalid("the period range is invalid", violations)
+            raise invalid("the impact request is invalid", violations)
         assert start is not None and end is not None
         if end < start:
             raise invalid("the period range is empty", [Violation("period_start_to_date", "is before period_start_from_date")])
+        size = page_size(request.page_size, IMPACT_MAX_PAGE_SIZE, default=IMPACT_DEFAULT_PAGE_SIZE)
+        bound = [convert.version_name(candidate.ruleset_id, candidate.version), start.isoformat(), end.isoformat()]
+        after = _impact_position(request.page_token, bound, start, end)
         compiled = self._registry.compiled(candidate)
         response = rs.AnalyzeImpactResponse()
         sums: dict[str, list[Decimal]] = {}
-        for stored in self._store.settlements_in_period(current_principal().tenant, start, end):
-            if not context.is_active():
-                break
-            data = stored.data
-            if data.ruleset_id != candidate.ruleset_id:
-                continue
-            impact = rs.SettlementImpact(
-                settlement=f"settlements/{stored.settlement_id}",
-                contract_id=data.contract_id,
-                period_start_date=convert.from_date(data.period_start),
-                old_total=pb.Money(amount=data.total, currency_code=data.currency),
-            )
-            response.settlements_analyzed += 1
-            try:
-                message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
-                decision = compiled.settle(convert.engine_request(message))
-            except ProblemsError as exc:
-                impact.error = "; ".join(f"{p.code}: {p.message}" for p in exc.problems)
-            else:
-                if decision.period_end != data.period_end.isoformat():
-                    impact.error = f"period.mismatch: the candidate's period ends {decision.period_end}, the settlement's {data.period_end.isoformat()}"
-            if impact.error:
-                response.settlements_failed += 1
+        last = after
+        more = False
+        page_bytes = 0
+        stored_settlements = self._store.settlements_in_period(current_principal().tenant, start, end, after)
+        with closing(stored_settlements):  # a full page leaves the rest of the stream unread
+            for stored in stored_settlements:
+                if not context.is_active():  # the caller is gone: nobody reads this page
+                    more = True
+                    break
+                data = stored.data
+                if data.ruleset_id != candidate.ruleset_id:
+                    continue
+                if len(response.impacts) >= size:  # one more to analyse: there is a next page (not run here)
+                    more = True
+                    break
+                impact, new_total = self._impact(compiled, stored)
+                page_bytes += impact.ByteSize() + 8  # its tag and length, with room to spare
+                if page_bytes > IMPACT_MAX_PAGE_BYTES and response.impacts:  # it starts the next page instead
+                    more = True
+                    break
                 response.impacts.append(impact)
-                continue
-            impact.new_total.CopyFrom(pb.Money(amount=plain(decision.total), currency_code=decision.currency))
-            impact.delta = plain(decision.total - Decimal(data.total)) if decision.currency == data.currency else ""
-            response.impacts.append(impact)
-            if decision.currency == data.currency:
-                pair = sums.setdefault(data.currency, [Decimal(0), Decimal(0)])
-                pair[0] += Decimal(data.total)
-                pair[1] += decision.total
+                last = (data.period_start, data.contract_id)
+                response.settlements_analyzed += 1
+                if impact.error:
+                    response.settlements_failed += 1
+                elif new_total is not None and impact.new_total.currency_code == data.currency:
+                    pair = sums.setdefault(data.currency, [Decimal(0), Decimal(0)])
+                    pair[0] += Decimal(data.total)
+                    pair[1] += new_total
         response.totals.extend(
             rs.ImpactTotal(currency_code=code, old_total=plain(old), new_total=plain(new), delta=plain(new - old))
             for code, (old, new) in sorted(sums.items())
         )
+        if more and last is not None:
+            response.next_page_token = encode_token(IMPACT_TOKEN, [*bound, last[0].isoformat(), last[1]])
         return response
+
+    @staticmethod
+    def _impact(compiled: CompiledRuleset, stored: SettlementRecord) -> tuple[rs.SettlementImpact, Decimal | None]:
+        """One stored settlement re-run under the candidate, and its new total (None when the
+        impact's `error` says why it could not be)."""
+        data = stored.data
+        impact = rs.SettlementImpact(
+            settlement=f"settlements/{stored.settlement_id}",
+            contract_id=data.contract_id,
+            period_start_date=convert.from_date(data.period_start),
+            old_total=pb.Money(amount=data.total, currency_code=data.currency),
+        )
+        try:
+            message = convert.input_from_dict(convert.load_json(data.request_json)["input"])
+            decision = compiled.settle(convert.engine_request(message))
+        except ProblemsError as exc:
+            impact.error = "; ".join(f"{p.code}: {p.message}" for p in exc.problems)
+            return impact, None
+        if decision.period_end != data.period_end.isoformat():
+            impact.error = (
+                f"period.mismatch: the candidate's period ends {decision.period_end}, the settlement's {data.period_end.isoformat()}"
+            )
+            return impact, None
+        impact.new_total.CopyFrom(pb.Money(amount=plain(decision.total), currency_code=decision.currency))
+        impact.delta = plain(decision.total - Decimal(data.total)) if decision.currency == data.currency else ""
+        return impact, decision.total

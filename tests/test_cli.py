@@ -157,7 +157,8 @@ def test_ruleset_review_from_the_command_line(running: Running, capsys: pytest.C
     assert code == 0 and v1["state"] == "DRAFT" and v1["name"] == "rulesets/us-managed-standard/versions/1"
     code, out, _ = cli(capsys, *as_(running, "compliance", "rulesets", "approve", "us-managed-standard/versions/1", "--note", "ok"))
     assert code == 0 and "APPROVED" in out
-    assert cli(capsys, *as_(running, "erp", *flag_args("C-1")))[0] == 0
+    for contract in ("C-1", "C-2", "C-3"):
+        assert cli(capsys, *as_(running, "erp", *flag_args(contract)))[0] == 0
 
     # the candidate's examples fail offline (exit 1), but it can be stored as a draft and assessed
     code, out, _ = cli(capsys, "rulesets", "validate", str(v2_file))
@@ -178,8 +179,17 @@ def test_ruleset_review_from_the_command_line(running: Running, capsys: pytest.C
     code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", *impact))
     report = json.loads(out)
     assert code == 0 and [(i["contract_id"], i["old_total"], i["new_total"], i["delta"]) for i in report["impacts"]] == [
-        ("C-1", "11750.00", "12000.00", "250.00")
+        (contract, "11750.00", "12000.00", "250.00") for contract in ("C-1", "C-2", "C-3")
     ]
+    assert report["totals"] == [{"currency": "USD", "old_total": "35250.00", "new_total": "36000.00", "delta": "750.00"}]
+    assert (report["settlements_analyzed"], report["settlements_failed"]) == (3, 0)
+    # one impact a call: the same full report, every page fetched and the totals summed
+    code, out, _ = cli(capsys, *as_(running, "compliance", "--format", "json", *impact, "--page-size", "1"))
+    assert code == 0 and json.loads(out) == report
+    code, out, _ = cli(capsys, *as_(running, "compliance", *impact, "--page-size", "2"))
+    assert code == 0 and out.count("11750.00") == 3 and "35250.00" in out and "3 analyzed, 0 failed" in out
+    code, _, err = cli(capsys, *as_(running, "compliance", *impact, "--page-size", "-1"))
+    assert code == 2 and "--page-size" in err
     # approving a candidate whose examples fail is refused: the service says why (exit 1)
     code, _, err = cli(capsys, *as_(running, "compliance", "rulesets", "approve", "us-managed-standard/versions/2"))
     assert code == 1 and "FAILED_PRECONDITION" in err

@@ -494,6 +494,20 @@ def test_compliance_reviews_diffs_assesses_and_approves_a_new_version(running: R
             ("C-2", Decimal("18500.00"), Decimal("19500.00"), Decimal("1000.00")),
         ]
         assert [(t.currency, t.delta) for t in report.totals] == [("USD", Decimal("1250.00"))] and report.settlements_failed == 0
+        # one impact a page: the client walks the pages (a lost page is fetched again) and sums
+        # their totals and counts, exactly
+        lost_page = FailOnce("AnalyzeImpact")
+        with connect(running, "compliance", interceptors=[lost_page]) as paging:
+            paged = paging.analyze_impact(v2.name, MARCH, datetime.date(2026, 3, 31), page_size=1)
+        assert len(lost_page.attempts) == 3  # page 1 twice, page 2 once
+        assert paged == report and [(t.old_total, t.new_total, t.delta) for t in paged.totals] == [
+            (Decimal("30250.00"), Decimal("31500.00"), Decimal("1250.00"))
+        ]
+        assert (paged.settlements_analyzed, paged.settlements_failed) == (2, 0)
+        assert [i.contract_id for i in paged.message.impacts] == ["C-1", "C-2"] and paged.message.next_page_token == ""
+        assert [(t.old_total, t.new_total, t.delta) for t in paged.message.totals] == [("30250.00", "31500.00", "1250.00")]
+        with pytest.raises(InvalidArgument):
+            compliance.analyze_impact(v2.name, MARCH, datetime.date(2026, 3, 31), page_size=-1)
         with pytest.raises(FailedPrecondition):  # its examples fail, so it cannot be approved
             compliance.approve(v2.name)
         retired = compliance.retire(v2.name, note="examples not updated")

@@ -271,8 +271,9 @@ def _server(database_url: str, tmp_path: Path, database: str) -> Iterator[Fuzzed
             "rulesets": [
                 client.call("ListRulesetVersions", rs.ListRulesetVersionsRequest(parent="rulesets/-", page_size=2), "admin").next_page_token
             ],
+            "impact": [client.call("AnalyzeImpact", impact_first_page(drafts[0]), "compliance").next_page_token],
         }
-        assert all(tokens["settlements"]) and all(tokens["rulesets"])
+        assert all(tokens["settlements"]) and all(tokens["rulesets"]) and all(tokens["impact"])
         fuzzed = Fuzzed(
             database=database,
             server=server,
@@ -549,6 +550,16 @@ def token(kind: str, value: Any) -> str:
 DEFAULT_DIGEST = _filter_digest(SettlementFilter(latest_only=True))
 
 
+def impact_first_page(candidate: str) -> rs.AnalyzeImpactRequest:
+    """A first AnalyzeImpact page of two over the seeds' year: its token is a real one to mutate."""
+    return rs.AnalyzeImpactRequest(
+        candidate=candidate,
+        period_start_from_date=date_pb2.Date(year=2026, month=1, day=1),
+        period_start_to_date=date_pb2.Date(year=2026, month=12, day=1),
+        page_size=2,
+    )
+
+
 @st.composite
 def page_tokens(draw: st.DrawFn, fuzzed: Fuzzed, kind: str) -> str:
     """Real tokens, damaged tokens, and forged ones (right shape and digest, hostile values)."""
@@ -560,10 +571,15 @@ def page_tokens(draw: st.DrawFn, fuzzed: Fuzzed, kind: str) -> str:
         cut = draw(st.integers(0, len(real)))
         return real[:cut] + draw(st.text(max_size=4))
     if choice == 2:
-        return token(draw(st.sampled_from(["settlements", "rulesets", "x", ""])), draw(json_values()))
+        return token(draw(st.sampled_from(["settlements", "rulesets", "impact", "x", ""])), draw(json_values()))
     if choice == 3:  # nested far beyond any parser's patience
         depth = draw(st.sampled_from([10, 600, 1100, 50_000]))
         return base64.urlsafe_b64encode(b'{"k":"%s","v":' % kind.encode() + b"[" * depth + b"]" * depth + b"}").decode()
+    if choice == 4 and kind == "impact":  # the candidate and range of the real token, a hostile position
+        real = json.loads(base64.urlsafe_b64decode(draw(st.sampled_from(fuzzed.page_tokens[kind]))))["v"]
+        start = draw(st.one_of(st.sampled_from(["2026-03-01", "0001-01-01", "9999-12-31", "2026-13-01", "20260301", ""]), json_values(2)))
+        contract = draw(st.one_of(st.sampled_from(["SEED-1", "\x00", "", "x" * 200]), hostile_text, json_values(2)))
+        return token(kind, [*real[:3], start, contract])
     if choice == 4:
         if kind == "settlements":
             start = draw(
@@ -739,11 +755,27 @@ def request_strategies(fuzzed: Fuzzed) -> dict[str, st.SearchStrategy[Any]]:
             page_token=page_tokens(fuzzed, "rulesets"),
         ),
         "DiffRulesetVersions": st.builds(rs.DiffRulesetVersionsRequest, name=versions, other_name=versions),
-        "AnalyzeImpact": st.builds(
-            rs.AnalyzeImpactRequest,
-            candidate=versions,
-            period_start_from_date=st.one_of(st.none(), any_date),
-            period_start_to_date=st.one_of(st.none(), any_date),
+        "AnalyzeImpact": st.one_of(
+            st.builds(
+                rs.AnalyzeImpactRequest,
+                candidate=versions,
+                period_start_from_date=st.one_of(st.none(), any_date),
+                period_start_to_date=st.one_of(st.none(), any_date),
+                page_size=st.one_of(st.just(0), page_size, st.sampled_from([9_999, 10_000, 10_001])),
+                page_token=st.one_of(st.just(""), page_tokens(fuzzed, "impact")),
+            ),
+            # the next page of a real analysis, asked again with any page size, by any candidate
+            st.builds(
+                lambda candidate, size: rs.AnalyzeImpactRequest(
+                    candidate=candidate,
+                    period_start_from_date=date_pb2.Date(year=2026, month=1, day=1),
+                    period_start_to_date=date_pb2.Date(year=2026, month=12, day=1),
+                    page_size=size,
+                    page_token=fuzzed.page_tokens["impact"][0],
+                ),
+                st.one_of(st.just(fuzzed.drafts[0]), versions),
+                page_size,
+            ),
         ),
     }
 
@@ -935,7 +967,14 @@ def valid_samples(fuzzed: Fuzzed) -> dict[str, list[bytes]]:
                     candidate=fuzzed.drafts[0],
                     period_start_from_date=date_pb2.Date(year=2026, month=1, day=1),
                     period_start_to_date=date_pb2.Date(year=2026, month=12, day=1),
-                )
+                ),
+                rs.AnalyzeImpactRequest(
+                    candidate=fuzzed.drafts[0],
+                    period_start_from_date=date_pb2.Date(year=2026, month=1, day=1),
+                    period_start_to_date=date_pb2.Date(year=2026, month=12, day=1),
+                    page_size=2,
+                    page_token=fuzzed.page_tokens["impact"][0],
+                ),
             ],
         }
         fuzzed.valid_samples.update({rpc: [m.SerializeToString() for m in messages] for rpc, messages in samples.items()})

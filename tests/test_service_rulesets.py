@@ -12,6 +12,7 @@ import base64
 import datetime
 import re
 import threading
+from decimal import Decimal
 from typing import Any
 
 import grpc
@@ -621,6 +622,174 @@ def test_analyze_impact_refuses_a_bad_period_range(running: Running) -> None:
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = failure(lambda: impact(running, US_NAME, day(2026, 3, 1), day(2026, 3, 31)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and [f for f, _ in violations(error)] == ["candidate"]
+
+
+MARCH_1, APRIL_30 = day(2026, 3, 1), day(2026, 4, 30)
+
+
+def impact_page(running: Running, candidate: str, page_size: int = 0, page_token: str = "", end: date_pb2.Date = APRIL_30) -> Any:
+    request = rs.AnalyzeImpactRequest(
+        candidate=candidate, period_start_from_date=MARCH_1, period_start_to_date=end, page_size=page_size, page_token=page_token
+    )
+    return running.client.call("AnalyzeImpact", request, "compliance")
+
+
+def impact_pages(running: Running, candidate: str, page_size: int) -> list[Any]:
+    """Every page of March–April, walking the tokens."""
+    pages = [impact_page(running, candidate, page_size)]
+    while pages[-1].next_page_token:
+        pages.append(impact_page(running, candidate, page_size, pages[-1].next_page_token))
+        assert len(pages) < 50
+    return pages
+
+
+def page_rows(page: Any) -> tuple[list[str], list[tuple[str, str, str, str]], tuple[int, int]]:
+    return (
+        [i.contract_id for i in page.impacts],
+        [(t.currency_code, t.old_total, t.new_total, t.delta) for t in page.totals],
+        (page.settlements_analyzed, page.settlements_failed),
+    )
+
+
+def seed_impact_range(running: Running) -> tuple[pb.RulesetVersion, pb.RulesetVersion]:
+    """Six US settlements in March–April (C-1 corrected once) and, interleaved and after the
+    last of them, two of another ruleset that the analysis skips; v1 approved, v2 a draft
+    with the top tier at 9%. Old → new totals (see the test above for the arithmetic):
+    C-1 12200.00 → 12500.00, C-2 7000.00 → 7000.00, C-3 18500.00 → 19500.00,
+    C-4 11750.00 → 12000.00, C-5 7000.00 → 7000.00, C-6 (April) 18500.00 → 19500.00."""
+    client = running.client
+    v1 = client.create_and_approve(US)
+    client.create_and_approve(edit(US, ("ruleset: us-managed-standard", "ruleset: us-other")))
+    client.settle("pg-1a", us_input("C-1", "130000"))
+    client.settle("pg-1b", us_input("C-1", "135000"))
+    for contract, gross in (("C-2", "80000"), ("C-3", "205000"), ("C-4", "130000"), ("C-5", "80000")):
+        client.settle(f"pg-{contract}", us_input(contract, gross))
+    client.settle("pg-C-6", us_input("C-6", "205000", period=(2026, 4)))
+    for contract, period in (("C-2A", (2026, 3)), ("Z-9", (2026, 4))):
+        other = us_input(contract, "130000", period=period)
+        other.ruleset = "rulesets/us-other"
+        assert client.settle(f"pg-{contract}", other).settlement.total.amount == "11750.00"
+    v2 = create(running, edit(US, ('{rate: "8%"}', '{rate: "9%"}')))
+    return v1, v2
+
+
+def test_analyze_impact_pages_through_a_range(running: Running) -> None:
+    _, v2 = seed_impact_range(running)
+    everything = ["C-1", "C-2", "C-3", "C-4", "C-5", "C-6"]
+    whole = impact_page(running, v2.name)  # page_size 0: the default, 1000
+    assert page_rows(whole) == (everything, [("USD", "74950.00", "77500.00", "2550.00")], (6, 0))
+    assert whole.next_page_token == ""
+
+    pages = impact_pages(running, v2.name, 2)
+    assert [page_rows(p) for p in pages] == [
+        (["C-1", "C-2"], [("USD", "19200.00", "19500.00", "300.00")], (2, 0)),
+        (["C-3", "C-4"], [("USD", "30250.00", "31500.00", "1250.00")], (2, 0)),
+        (["C-5", "C-6"], [("USD", "25500.00", "26500.00", "1000.00")], (2, 0)),
+    ]
+    assert [bool(p.next_page_token) for p in pages] == [True, True, False]  # Z-9 follows C-6, but is not the candidate's
+    # every impact exactly once, in order, identical to the unpaged answer; the pages' totals add up to the cent
+    assert [i for p in pages for i in p.impacts] == list(whole.impacts)
+    summed = [sum((Decimal(getattr(t, f)) for p in pages for t in p.totals), Decimal(0)) for f in ("old_total", "new_total", "delta")]
+    assert summed == [Decimal("74950.00"), Decimal("77500.00"), Decimal("2550.00")]
+    assert [str(s) for s in summed] == [whole.totals[0].old_total, whole.totals[0].new_total, whole.totals[0].delta]
+    assert sum(p.settlements_analyzed for p in pages) == whole.settlements_analyzed == 6
+
+    assert [[i.contract_id for i in p.impacts] for p in impact_pages(running, v2.name, 4)] == [everything[:4], everything[4:]]
+    assert [[i.contract_id for i in p.impacts] for p in impact_pages(running, v2.name, 5)] == [everything[:5], everything[5:]]
+    exactly_full = impact_pages(running, v2.name, 6)  # a full page with no more of the candidate's: the last
+    assert len(exactly_full) == 1 and exactly_full[0].impacts == whole.impacts
+    for huge in (10_000, 10_001, 10**6, 2**31 - 1):  # above the maximum: coerced, not refused
+        page = impact_page(running, v2.name, huge)
+        assert page_rows(page) == page_rows(whole) and page.next_page_token == ""
+    # page_size may change between pages: the token is a position
+    first = impact_page(running, v2.name, 2)
+    rest = impact_page(running, v2.name, 10, first.next_page_token)
+    assert page_rows(rest)[0] == everything[2:] and rest.next_page_token == ""
+
+    # a candidate that settles none of them: each page counts its own failures, sums nothing
+    no_us = create(running, edit(US, ('  US: {multiplier: "1.00"}\n', "")))
+    assert [page_rows(p) for p in impact_pages(running, no_us.name, 4)] == [(everything[:4], [], (4, 4)), (everything[4:], [], (2, 2))]
+
+
+def test_analyze_impact_refuses_bad_page_sizes_and_tokens(running: Running) -> None:
+    v1, v2 = seed_impact_range(running)
+    for size in (-1, -(2**31)):
+        error = failure(lambda s=size: impact_page(running, v2.name, s))
+        assert_error(error, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert [f for f, _ in violations(error)] == ["page_size"]
+    token = impact_page(running, v2.name, 2).next_page_token
+    assert token and impact_page(running, v2.name, 2, token).impacts[0].contract_id == "C-3"
+
+    def forged(value: Any) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(value)).decode()
+
+    bound = [v2.name, "2026-03-01", "2026-04-30"]
+    list_token = list_page(running, US_NAME, 1).next_page_token
+    bad_tokens = {
+        "garbage": "garbage",
+        "not base64": "!!!",
+        "empty object": "e30=",
+        "cut short": token[:-4],
+        "another list's": list_token,
+        "no key": forged({"k": "impact"}),
+        "a number": forged({"k": "impact", "v": 5}),
+        "too short": forged({"k": "impact", "v": [*bound, "2026-03-01"]}),
+        "not a date": forged({"k": "impact", "v": [*bound, "2026-13-01", "C-2"]}),
+        "a date outside the range": forged({"k": "impact", "v": [*bound, "2026-05-01", "C-2"]}),
+        "a contract id of no shape": forged({"k": "impact", "v": [*bound, "2026-03-01", "C\x002"]}),
+        "a contract id that is a number": forged({"k": "impact", "v": [*bound, "2026-03-01", 2]}),
+        "a settlements token": forged({"k": "settlements", "v": ["2026-03-01", "C-2", 1, "x"]}),
+    }
+    for label, bad in bad_tokens.items():
+        error = failure(lambda t=bad: impact_page(running, v2.name, 2, t))
+        assert_error(error, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert [f for f, _ in violations(error)] == ["page_token"], label
+    # a well-formed token of this analysis is accepted (the forgery above failed for its content only)
+    assert page_rows(impact_page(running, v2.name, 2, forged({"k": "impact", "v": [*bound, "2026-03-01", "C-2"]})))[0] == ["C-3", "C-4"]
+    # a token belongs to the candidate and the range it was issued for
+    replays = {
+        "another candidate": lambda: impact_page(running, v1.name, 2, token),
+        "another end": lambda: impact_page(running, v2.name, 2, token, end=day(2026, 5, 31)),
+        "another start": lambda: running.client.call(
+            "AnalyzeImpact",
+            rs.AnalyzeImpactRequest(
+                candidate=v2.name, period_start_from_date=day(2026, 2, 1), period_start_to_date=APRIL_30, page_size=2, page_token=token
+            ),
+            "compliance",
+        ),
+    }
+    for label, replay in replays.items():
+        error = failure(replay)
+        assert_error(error, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert [f for f, _ in violations(error)] == ["page_token"], label
+
+
+def test_analyze_impact_page_limits(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default and the largest page size, and the byte budget that keeps a page under
+    gRPC's 4 MiB, lowered here so that six settlements show them."""
+    import server.ruleset_service
+
+    _, v2 = seed_impact_range(running)
+    whole = impact_page(running, v2.name)
+    monkeypatch.setattr(server.ruleset_service, "IMPACT_DEFAULT_PAGE_SIZE", 4)
+    monkeypatch.setattr(server.ruleset_service, "IMPACT_MAX_PAGE_SIZE", 3)
+    assert [len(p.impacts) for p in impact_pages(running, v2.name, 0)] == [3, 3]  # the default, capped by the maximum
+    assert [len(p.impacts) for p in impact_pages(running, v2.name, 100)] == [3, 3]
+    monkeypatch.setattr(server.ruleset_service, "IMPACT_MAX_PAGE_SIZE", 10)
+    assert [len(p.impacts) for p in impact_pages(running, v2.name, 0)] == [4, 2]
+    assert [len(p.impacts) for p in impact_pages(running, v2.name, 1)] == [1] * 6
+
+    # bytes: a page ends before the impact that would take it over the budget; the first always fits
+    sizes = [i.ByteSize() + 8 for i in whole.impacts]
+    monkeypatch.setattr(server.ruleset_service, "IMPACT_MAX_PAGE_BYTES", sum(sizes[:3]))
+    pages = impact_pages(running, v2.name, 0)
+    assert len(pages[0].impacts) == 3 and [i for p in pages for i in p.impacts] == list(whole.impacts)
+    monkeypatch.setattr(server.ruleset_service, "IMPACT_MAX_PAGE_BYTES", sum(sizes[:3]) - 1)
+    pages = impact_pages(running, v2.name, 0)
+    assert len(pages[0].impacts) == 2 and [i for p in pages for i in p.impacts] == list(whole.impacts)
+    monkeypatch.setattr(server.ruleset_service, "IMPACT_MAX_PAGE_BYTES", 1)
+    pages = impact_pages(running, v2.name, 0)
+    assert [len(p.impacts) for p in pages] == [1] * 6 and [i for p in pages for i in p.impacts] == list(whole.impacts)
 
 
 # ------------------------------------------------------------------ effective dating

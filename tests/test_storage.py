@@ -458,6 +458,42 @@ def test_settlements_in_period_yields_latest_revisions(store: SqlStore, tenant: 
     assert list(store.settlements_in_period(tenant, datetime.date(2027, 1, 1), datetime.date(2027, 12, 1))) == []
 
 
+def test_settlements_in_period_resumes_after_a_key(store: SqlStore, tenant: str, populated: dict[str, SettlementRecord]) -> None:
+    """`after` is a (period_start, contract_id) keyset position: strictly greater keys only."""
+    p = {name: record.settlement_id for name, record in populated.items()}
+    store.append_settlement(settlement(tenant, "f", contract_id="c-10"), None)  # sorts between c-1 and c-2 in March
+    c10 = store.latest_settlement(tenant, "c-10", MARCH)
+    assert c10 is not None
+
+    def ids(after: tuple[datetime.date, str] | None) -> list[str]:
+        return [r.settlement_id for r in store.settlements_in_period(tenant, MARCH, MAY, after)]
+
+    assert ids(None) == [p["c1-mar-2"], c10.settlement_id, p["c2-mar"], p["c1-apr"], p["c3-may"]]
+    assert ids((MARCH, "c-1")) == [c10.settlement_id, p["c2-mar"], p["c1-apr"], p["c3-may"]]  # the superseded r1 never shows
+    assert ids((MARCH, "c-10")) == [p["c2-mar"], p["c1-apr"], p["c3-may"]]
+    assert ids((MARCH, "c-2")) == [p["c1-apr"], p["c3-may"]]
+    assert ids((MARCH, "zzz")) == [p["c1-apr"], p["c3-may"]]  # a key nobody has: the next period_start
+    assert ids((APRIL, "")) == [p["c1-apr"], p["c3-may"]]
+    assert ids((APRIL, "c-1")) == [p["c3-may"]]
+    assert ids((MAY, "c-3")) == []
+    assert ids((datetime.date(2026, 2, 1), "zzz")) == ids(None)
+    # the range still bounds it, and other tenants stay out
+    assert [r.settlement_id for r in store.settlements_in_period(tenant, MARCH, MARCH, (MARCH, "c-10"))] == [p["c2-mar"]]
+    assert list(store.settlements_in_period(tenant + "-other", MARCH, MAY, (MARCH, "c-1"))) == []
+    # walking one row at a time by the last key visits every row once, in order
+    walked: list[str] = []
+    after: tuple[datetime.date, str] | None = None
+    while True:
+        stream = store.settlements_in_period(tenant, MARCH, MAY, after)
+        row = next(stream, None)
+        stream.close()
+        if row is None:
+            break
+        walked.append(row.settlement_id)
+        after = (row.data.period_start, row.data.contract_id)
+    assert walked == ids(None)
+
+
 def test_tenants_are_isolated(store: SqlStore, tenant: str) -> None:
     other = tenant + "-other"
     mine = store.append_settlement(settlement(tenant, "same-id"), None)

@@ -11,7 +11,7 @@
     export lines|deltas --from D --to D [--market M] [--contract C] [--seller S] [--ruleset R]
            [--skip-zero] [--output FILE]  (billing; see clients/cli/export.py for the columns)
     rulesets validate FILE... (offline) · create FILE · approve NAME · retire NAME
-             list [RULESET] · show NAME · diff NAME OTHER · impact CANDIDATE --from D --to D
+             list [RULESET] · show NAME · diff NAME OTHER · impact CANDIDATE --from D --to D [--page-size N]
 
 `--target` defaults to $KPISETTLE_TARGET or 127.0.0.1:50051, `--token` to $KPISETTLE_TOKEN.
 
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     impact.add_argument("candidate")
     impact.add_argument("--from", dest="period_from", required=True, help="YYYY-MM-DD")
     impact.add_argument("--to", dest="period_to", required=True, help="YYYY-MM-DD")
+    impact.add_argument(
+        "--page-size", type=int, default=0, metavar="N", help="impacts fetched per call (0: the service's default, 1000); all are shown"
+    )
 
     export.add_parser(commands)
     _format_after_commands(parser)
@@ -264,7 +267,9 @@ def _rulesets(client: KpisettleClient, args: argparse.Namespace) -> tuple[Report
     if command == "diff":
         return views.changes(client.diff(version_name(args.name), version_name(args.other))), OK
     period_from, period_to = parse_date(args.period_from, "--from"), parse_date(args.period_to, "--to")
-    report = client.analyze_impact(version_name(args.candidate), period_from, period_to)
+    if args.page_size < 0:
+        raise InputError("--page-size must not be negative")
+    report = client.analyze_impact(version_name(args.candidate), period_from, period_to, page_size=args.page_size)
     return views.impact(report), FAILED if report.settlements_failed else OK
 
 

@@ -292,14 +292,30 @@ class KpisettleClient:
         return [convert.change(c) for c in self._call(self._rpc.diff, request, timeout).changes]
 
     def analyze_impact(
-        self, candidate: str, period_from: datetime.date, period_to: datetime.date, *, timeout: float | None = None
+        self,
+        candidate: str,
+        period_from: datetime.date,
+        period_to: datetime.date,
+        *,
+        page_size: int = 0,
+        timeout: float | None = None,
     ) -> ImpactReport:
         """Re-run the stored settlements whose period starts in [period_from, period_to] under
-        the candidate version (a DRAFT is fine); writes nothing."""
-        request = rs.AnalyzeImpactRequest(candidate=candidate)
+        the candidate version (a DRAFT is fine); writes nothing.
+
+        Fetches every page (`page_size` impacts each; 0: the service's default, 1000) and
+        returns one report: the impacts in (period_start, contract_id) order, the totals and
+        counts summed over the pages. `timeout` applies to each page."""
+        request = rs.AnalyzeImpactRequest(candidate=candidate, page_size=page_size)
         request.period_start_from_date.CopyFrom(convert.date_message(period_from))
         request.period_start_to_date.CopyFrom(convert.date_message(period_to))
-        return convert.impact(self._call(self._rpc.analyze_impact, request, timeout))
+        pages: list[rs.AnalyzeImpactResponse] = []
+        while True:
+            page = self._call(self._rpc.analyze_impact, request, timeout)
+            pages.append(page)
+            if not page.next_page_token:
+                return convert.impact(pages)
+            request.page_token = page.next_page_token
 
 
 __all__ = ["DEFAULT_PAGE_SIZE", "KpisettleClient", "ruleset_parent", "settlement_name"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable
+from decimal import MAX_PREC, Context, Decimal
 from typing import Any
 
 from google.type import date_pb2
@@ -10,7 +12,7 @@ from kpisettle.v1 import resources_pb2 as pb
 from kpisettle.v1 import ruleset_service_pb2 as rs
 from kpisettle.v1 import settlement_service_pb2 as ss
 
-from .decimals import decimal_text, parse, parse_optional
+from .decimals import decimal_text, parse, parse_optional, plain
 from .models import (
     AuditReport,
     ExampleResult,
@@ -35,6 +37,9 @@ from .models import (
     SettlementWarning,
     Validation,
 )
+
+#: Sums over pages never round, however many pages.
+EXACT = Context(prec=MAX_PREC)
 
 # ------------------------------------------------------------------ dates and times
 
@@ -235,7 +240,27 @@ def change(message: rs.RulesetChange) -> RulesetChange:
     return RulesetChange(message.change, message.path, message.description, message.before, message.after)
 
 
-def impact(message: rs.AnalyzeImpactResponse) -> ImpactReport:
+def impact(pages: Iterable[rs.AnalyzeImpactResponse]) -> ImpactReport:
+    """Every page of one AnalyzeImpact as one report. The service's totals and counts cover
+    one page each, so they are summed here, per currency, exactly (never rounded)."""
+    merged = rs.AnalyzeImpactResponse()
+    sums: dict[str, list[Decimal]] = {}
+    for page in pages:
+        merged.impacts.extend(page.impacts)
+        merged.settlements_analyzed += page.settlements_analyzed
+        merged.settlements_failed += page.settlements_failed
+        for t in page.totals:
+            old, new, delta = sums.setdefault(t.currency_code, [Decimal(0), Decimal(0), Decimal(0)])
+            sums[t.currency_code] = [
+                EXACT.add(old, parse(t.old_total)),
+                EXACT.add(new, parse(t.new_total)),
+                EXACT.add(delta, parse(t.delta)),
+            ]
+    totals = tuple(ImpactTotal(code, old, new, delta) for code, (old, new, delta) in sorted(sums.items()))
+    merged.totals.extend(
+        rs.ImpactTotal(currency_code=t.currency, old_total=plain(t.old_total), new_total=plain(t.new_total), delta=plain(t.delta))
+        for t in totals
+    )
     impacts = tuple(
         SettlementImpact(
             settlement=i.settlement,
@@ -247,7 +272,6 @@ def impact(message: rs.AnalyzeImpactResponse) -> ImpactReport:
             delta=parse_optional(i.delta),
             error=i.error,
         )
-        for i in message.impacts
+        for i in merged.impacts
     )
-    totals = tuple(ImpactTotal(t.currency_code, parse(t.old_total), parse(t.new_total), parse(t.delta)) for t in message.totals)
-    return ImpactReport(impacts, totals, message.settlements_analyzed, message.settlements_failed, message)
+    return ImpactReport(impacts, totals, merged.settlements_analyzed, merged.settlements_failed, merged)

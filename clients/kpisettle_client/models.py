@@ -401,6 +401,13 @@ class ImpactTotal:
 
 @dataclass(frozen=True)
 class ImpactReport:
+    """A whole AnalyzeImpact, all its pages: impacts in (period_start, contract_id) order,
+    totals per currency and counts summed over the pages.
+
+    `message` is not one response of the service (whose totals cover one page) but the pages
+    merged into one AnalyzeImpactResponse: every impact, the summed totals and counts, no
+    next_page_token — what the report holds, as a message."""
+
     impacts: tuple[SettlementImpact, ...]
     totals: tuple[ImpactTotal, ...]
     settlements_analyzed: int

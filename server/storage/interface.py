@@ -11,7 +11,7 @@ walking the chain (`Store.audit_chain`).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -212,7 +212,11 @@ class Store(Protocol):
         self, tenant: str, where: SettlementFilter, page_size: int, after: tuple[datetime.date, str, int] | None
     ) -> list[SettlementRecord]: ...
 
-    def settlements_in_period(self, tenant: str, period_from: datetime.date, period_to: datetime.date) -> Iterator[SettlementRecord]: ...
+    def settlements_in_period(
+        self, tenant: str, period_from: datetime.date, period_to: datetime.date, after: tuple[datetime.date, str] | None = None
+    ) -> Generator[SettlementRecord, None, None]:
+        """Latest revisions with period_start in [from, to] by (period_start, contract_id), after `after`."""
+        ...
 
     def audit_chain(self, tenant: str) -> Iterator[ChainEntry]: ...
 

@@ -24,7 +24,8 @@ Concurrency model (the same guarantees on both databases, with threads or proces
 Orders: `list_ruleset_versions` by (ruleset_id, version); `list_settlements` and
 `settlements_in_period` by (period_start, contract_id, revision), which is a total order
 within a tenant (unique), and `after` is the last returned row's
-(period_start, contract_id, revision).
+(period_start, contract_id, revision) — for `settlements_in_period`, which yields only latest
+revisions, (period_start, contract_id).
 
 Timestamps are stored as TIMESTAMP WITH TIME ZONE on PostgreSQL and as UTC text with
 microseconds on SQLite, and always come back timezone-aware in UTC.
@@ -40,7 +41,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -1194,13 +1195,18 @@ class SqlStore:
         with self._reader.connect() as conn:
             return [self._settlement_record(row) for row in conn.execute(query)]
 
-    def settlements_in_period(self, tenant: str, period_from: datetime.date, period_to: datetime.date) -> Iterator[SettlementRecord]:
+    def settlements_in_period(
+        self, tenant: str, period_from: datetime.date, period_to: datetime.date, after: tuple[datetime.date, str] | None = None
+    ) -> Generator[SettlementRecord, None, None]:
         """The latest revision of every (contract, period) with period_start in [from, to], streamed,
-        ordered by (period_start, contract_id)."""
+        ordered by (period_start, contract_id); with `after`, only those whose key is greater
+        (latest revisions are unique per key, so a page of AnalyzeImpact resumes exactly there)."""
         s = settlements
-        query = self._filtered(tenant, SettlementFilter(period_from=period_from, period_to=period_to, latest_only=True)).order_by(
-            s.c.period_start, s.c.contract_id
-        )
+        query = self._filtered(tenant, SettlementFilter(period_from=period_from, period_to=period_to, latest_only=True))
+        if after is not None:
+            key = sa.tuple_(s.c.period_start, s.c.contract_id)
+            query = query.where(key > sa.tuple_(sa.literal(after[0], sa.Date), sa.literal(after[1])))
+        query = query.order_by(s.c.period_start, s.c.contract_id)
         with self._snapshot() as conn:
             for row in conn.execution_options(yield_per=STREAM_BATCH).execute(query):
                 yield self._settlement_record(row)
