@@ -33,7 +33,7 @@ MAX_NOTE_CHARS = 2000
 SUMMARY_CACHE_SIZE = 4096
 #: AnalyzeImpact pages (AIP-158): 0 → the default; above the maximum → the maximum. Each page
 #: also stops before IMPACT_MAX_PAGE_BYTES, well below gRPC's 4 MiB default message limit
-#: (an impact with a long error can be far larger than the usual ~150 bytes).
+#: (an impact of a US settlement is ~107 bytes; one with a long error can be far larger).
 IMPACT_DEFAULT_PAGE_SIZE = 1000
 IMPACT_MAX_PAGE_SIZE = 10_000
 IMPACT_MAX_PAGE_BYTES = 3 * 1024 * 1024
