@@ -792,6 +792,51 @@ def test_analyze_impact_page_limits(running: Running, monkeypatch: pytest.Monkey
     assert [len(p.impacts) for p in pages] == [1] * 6 and [i for p in pages for i in p.impacts] == list(whole.impacts)
 
 
+@pytest.mark.long
+def test_analyze_impact_pages_a_month_too_big_for_one_message(running: Running) -> None:
+    """45,000 stored settlements, whose impacts together are over gRPC's 4 MiB message limit
+    (one response used to carry them all), analysed with the service's real page limits.
+    Three inputs in turn, 15,000 of each; old → new totals under v2 (top tier 9%) as in
+    seed_impact_range: 11750.00 → 12000.00, 7000.00 → 7000.00, 18500.00 → 19500.00."""
+    from server.ruleset_service import IMPACT_DEFAULT_PAGE_SIZE, IMPACT_MAX_PAGE_SIZE
+
+    client = running.client
+    client.create_and_approve(US)
+    count, grosses = 45_000, ("130000", "80000", "205000")
+
+    def messages() -> Any:
+        for start in range(0, count, 500):
+            batch = ss.SettleBatchRequest()
+            for i in range(start, start + 500):
+                batch.items.add(request_id=f"big-{i}", input=us_input(f"C-{i:05d}", grosses[i % 3]))
+            yield batch
+
+    stored = 0
+    for response in client.settlements.SettleBatch(messages(), metadata=running.callers["erp"].metadata, timeout=600):
+        stored += sum(1 for result in response.results if result.HasField("settlement"))
+    assert stored == count
+    v2 = create(running, edit(US, ('{rate: "8%"}', '{rate: "9%"}')))
+
+    def month(size: int) -> list[Any]:
+        request = rs.AnalyzeImpactRequest(candidate=v2.name, period_start_from_date=MARCH_1, period_start_to_date=MARCH_1, page_size=size)
+        pages = [client.call("AnalyzeImpact", request, "compliance", timeout=120)]
+        while pages[-1].next_page_token:
+            request.page_token = pages[-1].next_page_token
+            pages.append(client.call("AnalyzeImpact", request, "compliance", timeout=120))
+        return pages
+
+    pages = month(0)
+    assert [len(p.impacts) for p in pages] == [IMPACT_DEFAULT_PAGE_SIZE] * (count // IMPACT_DEFAULT_PAGE_SIZE)
+    assert [i.contract_id for p in pages for i in p.impacts] == [f"C-{i:05d}" for i in range(count)]
+    assert sum(p.ByteSize() for p in pages) > 4 * 1024 * 1024  # what one response would have had to carry
+    sums = [sum((Decimal(getattr(t, f)) for p in pages for t in p.totals), Decimal(0)) for f in ("old_total", "new_total", "delta")]
+    assert sums == [Decimal("558750000.00"), Decimal("577500000.00"), Decimal("18750000.00")]  # 15,000 × (37250.00 → 38500.00)
+    assert (sum(p.settlements_analyzed for p in pages), sum(p.settlements_failed for p in pages)) == (count, 0)
+    largest = month(10**6)
+    assert [len(p.impacts) for p in largest] == [IMPACT_MAX_PAGE_SIZE] * 4 + [count - 4 * IMPACT_MAX_PAGE_SIZE]
+    assert [i for p in largest for i in p.impacts] == [i for p in pages for i in p.impacts]
+
+
 # ------------------------------------------------------------------ effective dating
 
 
