@@ -328,10 +328,16 @@ def _settled_ids_select(length: int) -> sa.TextClause:
     return statement.bindparams(*(sa.bindparam(f"r{i}", type_=sa.String) for i in range(length)), sa.bindparam("tenant", type_=sa.String))
 
 
-def _settled_ids(conn: Connection, tenant: str, request_ids: Sequence[str]) -> Iterator[sa.Row[Any]]:
+def _settled_ids_params(tenant: str, request_ids: Sequence[str]) -> tuple[int, dict[str, object]]:
+    """The statement length for `request_ids` and its parameters (the ids padded to it)."""
     length, padded = _padded(request_ids)
     params: dict[str, object] = {f"r{i}": key for i, key in enumerate(padded)}
     params["tenant"] = tenant
+    return length, params
+
+
+def _settled_ids(conn: Connection, tenant: str, request_ids: Sequence[str]) -> Iterator[sa.Row[Any]]:
+    length, params = _settled_ids_params(tenant, request_ids)
     return iter(conn.execute(_settled_ids_select(length), params))
 
 
@@ -416,9 +422,7 @@ class _SettlePathStatements:
 
     def settled_ids(self, tenant: str, request_ids: Sequence[str]) -> Lookup:
         """Rows (request_id, settlement_id or NULL) for 1 to _KEYS_PER_QUERY request ids."""
-        length, padded = _padded(request_ids)
-        params: dict[str, object] = {f"r{i}": key for i, key in enumerate(padded)}
-        params["tenant"] = tenant
+        length, params = _settled_ids_params(tenant, request_ids)
         statement = self._settled_ids[length]
         return statement, statement.params(params)
 
@@ -467,6 +471,15 @@ class _ChainWriter:
         self.seq += 1
         self.last_hash = str(row["record_hash"])
         return row
+
+
+def _in_key_order(query: sa.Select[Any], key: Sequence[sa.Column[Any]], after: Sequence[object] | None) -> sa.Select[Any]:
+    """`query` ordered by the columns of `key`, and with `after` (the last row's key) only
+    the rows whose key is greater: keyset paging."""
+    if after is not None:
+        bounds = (sa.literal(value, column.type) for column, value in zip(key, after, strict=True))
+        query = query.where(sa.tuple_(*key) > sa.tuple_(*bounds))
+    return query.order_by(*key)
 
 
 def _check_page_size(page_size: int) -> int:
@@ -1110,11 +1123,11 @@ class SqlStore:
             checks = {"tenant": tenant, "request_id": request_ids[0], "contract_id": contract_id, "period_start": period_start}
             lookups.append((statements.single_checks, statements.single_checks.params(checks)))
         else:  # the versions stamp, the request ids taken, the latest revision of each key
+            id_chunks = [request_ids[start : start + _KEYS_PER_QUERY] for start in range(0, len(request_ids), _KEYS_PER_QUERY)]
+            key_chunks = [keys[start : start + _KEYS_PER_QUERY] for start in range(0, len(keys), _KEYS_PER_QUERY)]
             lookups.append((statements.versions_stamp, statements.versions_stamp.params({"tenant": tenant})))
-            for start in range(0, len(request_ids), _KEYS_PER_QUERY):
-                lookups.append(statements.settled_ids(tenant, request_ids[start : start + _KEYS_PER_QUERY]))
-            for start in range(0, len(keys), _KEYS_PER_QUERY):
-                lookups.append(statements.latest_revisions(tenant, keys[start : start + _KEYS_PER_QUERY]))
+            lookups += [statements.settled_ids(tenant, chunk) for chunk in id_chunks]
+            lookups += [statements.latest_revisions(tenant, chunk) for chunk in key_chunks]
         with self._write(tenant, lookups) as chain:
             # What the checks need, read under the lock, then kept up to date in memory as
             # the settlements are added: the request ids taken, and the latest revision of
@@ -1129,11 +1142,9 @@ class SqlStore:
                     latest[(contract_id, period_start)] = (str(latest_id), int(latest_revision))
             else:
                 ((stamp,),) = chain.looked_up[0]
-                id_chunks = -(-len(request_ids) // _KEYS_PER_QUERY)
-                for found in chain.looked_up[1 : 1 + id_chunks]:
+                for found in chain.looked_up[1 : 1 + len(id_chunks)]:
                     taken.update(str(request_id) for request_id, settlement_id in found if settlement_id is not None)
-                for start, found in zip(range(0, len(keys), _KEYS_PER_QUERY), chain.looked_up[1 + id_chunks :], strict=True):
-                    chunk = keys[start : start + _KEYS_PER_QUERY]
+                for chunk, found in zip(key_chunks, chain.looked_up[1 + len(id_chunks) :], strict=True):
                     for position, settlement_id, revision in found:  # a padding position repeats the chunk's last key
                         if settlement_id is not None:
                             latest[chunk[min(int(position), len(chunk) - 1)]] = (str(settlement_id), int(revision))
@@ -1187,11 +1198,7 @@ class SqlStore:
         """One page ordered by (period_start, contract_id, revision); `after` is the last row's key."""
         limit = _check_page_size(page_size)
         s = settlements
-        query = self._filtered(tenant, where)
-        if after is not None:
-            key = sa.tuple_(s.c.period_start, s.c.contract_id, s.c.revision)
-            query = query.where(key > sa.tuple_(sa.literal(after[0], sa.Date), sa.literal(after[1]), sa.literal(after[2])))
-        query = query.order_by(s.c.period_start, s.c.contract_id, s.c.revision).limit(limit)
+        query = _in_key_order(self._filtered(tenant, where), (s.c.period_start, s.c.contract_id, s.c.revision), after).limit(limit)
         with self._reader.connect() as conn:
             return [self._settlement_record(row) for row in conn.execute(query)]
 
@@ -1202,11 +1209,8 @@ class SqlStore:
         ordered by (period_start, contract_id); with `after`, only those whose key is greater
         (latest revisions are unique per key, so a page of AnalyzeImpact resumes exactly there)."""
         s = settlements
-        query = self._filtered(tenant, SettlementFilter(period_from=period_from, period_to=period_to, latest_only=True))
-        if after is not None:
-            key = sa.tuple_(s.c.period_start, s.c.contract_id)
-            query = query.where(key > sa.tuple_(sa.literal(after[0], sa.Date), sa.literal(after[1])))
-        query = query.order_by(s.c.period_start, s.c.contract_id)
+        latest = SettlementFilter(period_from=period_from, period_to=period_to, latest_only=True)
+        query = _in_key_order(self._filtered(tenant, latest), (s.c.period_start, s.c.contract_id), after)
         with self._snapshot() as conn:
             for row in conn.execution_options(yield_per=STREAM_BATCH).execute(query):
                 yield self._settlement_record(row)
