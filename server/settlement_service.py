@@ -694,10 +694,7 @@ def _list_position(token: str, digest: str) -> tuple[datetime.date, str, int] | 
         "page_token is not a token this list returned for these filters",
         [Violation("page_token", "unknown or damaged token, or one made for other filters")],
     )
-    try:
-        key = decode_token("settlements", token)
-    except KeyError as exc:  # decodable, but without its key
-        raise damaged from exc
+    key = decode_token("settlements", token)  # a token that does not decode is refused there
     if key is None:
         return None
     try:
