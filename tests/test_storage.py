@@ -30,6 +30,7 @@ from server.storage.chain import (
     verify_chain,
 )
 from server.storage.interface import (
+    Append,
     ChainEntry,
     Conflict,
     LifecycleAction,
@@ -400,6 +401,57 @@ def test_a_connection_lost_during_a_write_fails_that_write_alone(postgres_url: s
     finally:
         store.close()
         killer.dispose()
+
+
+def test_statements_prepared_on_an_empty_table_are_planned_for_the_table_as_it_grows(postgres_server: Any) -> None:
+    """PostgreSQL, a new database: a statement prepared while the settlements table is empty
+    and never analyzed (as psycopg prepares the store's on their fifth use) must not keep a
+    plan made for that empty table. The generic plan PostgreSQL would keep looks a request id
+    up by scanning the tenant's whole seller index, so every Settle got slower as the table
+    grew. On the store's connections it finds the request id through its unique index."""
+    store = open_store(postgres_server.create())
+    try:
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("PREPARE taken(text, text) AS SELECT settlement_id FROM settlements WHERE tenant = $1 AND request_id = $2")
+            for i in range(6):  # past PostgreSQL's five custom plans, when it may switch to the generic one
+                conn.exec_driver_sql(f"EXECUTE taken('t', 'r-{i}')")
+            conn.exec_driver_sql(
+                "INSERT INTO settlements SELECT md5(n::text), 't', 'r-' || n, 'f', 'c-' || n, 's-1', 'US', DATE '2026-03-01',"
+                " DATE '2026-03-31', 'us', 1, 'h', '1', 'USD', '1.00', '', '', '', 'p', NULL, 1, NULL, now(), n, 'x', 'y'"
+                " FROM generate_series(1, 5000) AS n"
+            )
+            plan = "\n".join(str(row[0]) for row in conn.exec_driver_sql("EXPLAIN EXECUTE taken('t', 'r-77')"))
+            conn.rollback()
+        assert "uq_settlements_request_id" in plan, plan
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_write_takes_three_round_trips_on_postgresql(postgres_server: Any, tmp_path: Any, count: int) -> None:
+    """PostgreSQL: storing settlements, one or a group, is three round trips: the pool's
+    ping, then BEGIN with the chain lock and the checks, then the inserts with COMMIT.
+    Counted as the server's ReadyForQuery messages in libpq's trace of the connection."""
+    store = open_store(postgres_server.create())
+    try:
+        store.append_settlement(settlement("t", "first", contract_id="c-0"), None)  # the pool's one connection, its statements prepared
+        with store.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+        trace = tmp_path / "libpq.trace"
+        with trace.open("w") as out:
+            raw.pgconn.trace(out.fileno())
+            try:
+                if count == 1:
+                    store.append_settlement(settlement("t", "r-0", contract_id="c-1"), None)
+                else:
+                    appends = [Append(settlement("t", f"r-{i}", contract_id=f"c-{i + 1}"), None) for i in range(count)]
+                    assert all(isinstance(outcome, SettlementRecord) for outcome in store.append_settlements(appends))
+            finally:
+                raw.pgconn.untrace()
+        assert trace.read_text().count("ReadyForQuery") == 3
+        assert [store.settlement_by_request("t", f"r-{i}") is not None for i in range(count)] == [True] * count
+    finally:
+        store.close()
 
 
 @pytest.fixture
