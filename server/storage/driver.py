@@ -56,10 +56,12 @@ def driver_connection(conn: Connection) -> Any:
 
 @contextmanager
 def pipeline(raw: Any, postgres: bool) -> Iterator[None]:
-    """A psycopg pipeline on PostgreSQL: the statements inside go in one round trip, sent at
-    the first fetch or at the end of the block (in order: each sees what those before it
-    did; a statement's snapshot is taken when it starts, after the one before it has
-    finished). Nothing on SQLite."""
+    """A psycopg pipeline on PostgreSQL: the statements inside go in one round trip when the
+    block ends (in order: each sees what those before it did; a statement's snapshot is
+    taken when it starts, after the one before it has finished), and their cursors hold
+    their rows after it. A fetch inside the block, or psycopg's own BEGIN or commit(),
+    would cost a round trip more: the store sends BEGIN and COMMIT as statements. Nothing
+    on SQLite."""
     with raw.pipeline() if postgres else nullcontext():
         yield
 
