@@ -98,9 +98,6 @@ def _transition_refused(conflict: Conflict, name: str) -> ServiceError:
 
 def _list_token(parent: str, token: str) -> tuple[str, int] | None:
     """The (ruleset_id, version) after which a page starts; the token must come from the same parent."""
-    damaged = invalid(
-        "page_token is not a token this list returned", [Violation("page_token", "unknown or damaged token, or one of another parent")]
-    )
     key: Any = decode_token("rulesets", token)  # a token that does not decode is refused there
     if key is None:
         return None
@@ -114,17 +111,15 @@ def _list_token(parent: str, token: str) -> tuple[str, int] | None:
         and 0 < key[2] < 2**31
     ):
         return key[1], key[2]
-    raise damaged
+    raise invalid(
+        "page_token is not a token this list returned", [Violation("page_token", "unknown or damaged token, or one of another parent")]
+    )
 
 
 def _impact_position(token: str, bound: list[str], start: datetime.date, end: datetime.date) -> tuple[datetime.date, str] | None:
     """The (period_start, contract_id) after which an AnalyzeImpact page starts. A token is
     bound to the candidate and range it was issued for (`bound`): pages of another analysis
     would mix two candidates' totals."""
-    damaged = invalid(
-        "page_token is not a token this analysis returned",
-        [Violation("page_token", "unknown or damaged token, or one of another candidate or period range")],
-    )
     key: Any = decode_token(IMPACT_TOKEN, token)  # a token that does not decode is refused there
     if key is None:
         return None
@@ -141,7 +136,10 @@ def _impact_position(token: str, bound: list[str], start: datetime.date, end: da
                 return day, contract_id
     except (TypeError, ValueError):
         pass
-    raise damaged
+    raise invalid(
+        "page_token is not a token this analysis returned",
+        [Violation("page_token", "unknown or damaged token, or one of another candidate or period range")],
+    )
 
 
 class RulesetService(rs_grpc.RulesetServiceServicer):

@@ -690,10 +690,6 @@ def _filter_digest(where: SettlementFilter) -> str:
 
 def _list_position(token: str, digest: str) -> tuple[datetime.date, str, int] | None:
     """The position a ListSettlements page token continues from; INVALID_ARGUMENT for any other token."""
-    damaged = invalid(
-        "page_token is not a token this list returned for these filters",
-        [Violation("page_token", "unknown or damaged token, or one made for other filters")],
-    )
     key = decode_token("settlements", token)  # a token that does not decode is refused there
     if key is None:
         return None
@@ -710,7 +706,10 @@ def _list_position(token: str, digest: str) -> tuple[datetime.date, str, int] | 
             return datetime.date.fromisoformat(start), contract_id, revision
     except (TypeError, ValueError):
         pass
-    raise damaged
+    raise invalid(
+        "page_token is not a token this list returned for these filters",
+        [Violation("page_token", "unknown or damaged token, or one made for other filters")],
+    )
 
 
 def first_difference(stored: Any, replayed: Any, path: str = "") -> str:

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -428,7 +429,7 @@ def test_statements_prepared_on_an_empty_table_are_planned_for_the_table_as_it_g
 
 
 @pytest.mark.parametrize("count", [1, 3])
-def test_a_write_takes_three_round_trips_on_postgresql(postgres_server: Any, tmp_path: Any, count: int) -> None:
+def test_a_write_takes_three_round_trips_on_postgresql(postgres_server: Any, tmp_path: Path, count: int) -> None:
     """PostgreSQL: storing settlements, one or a group, is three round trips: the pool's
     ping, then BEGIN with the chain lock and the checks, then the inserts with COMMIT.
     Counted as the server's ReadyForQuery messages in libpq's trace of the connection."""

@@ -551,10 +551,8 @@ class SqlStore:
         # each in the pipeline of the statements next to it. psycopg would otherwise send the
         # BEGIN in a round trip of its own, and end each pipeline with one more (its Sync):
         # a write group took six round trips, three of them spent waiting on nothing.
-        self._writer = engine.execution_options(
-            **{_WRITE_OPTION: True}, **({"isolation_level": "AUTOCOMMIT"} if engine.dialect.name == "postgresql" else {})
-        )
         self._postgres = engine.dialect.name == "postgresql"
+        self._writer = engine.execution_options(**{_WRITE_OPTION: True}, **({"isolation_level": "AUTOCOMMIT"} if self._postgres else {}))
         self._clock: Clock = clock or _utc_now
         self._lock_timeout = lock_timeout  # SQLite: the engine's busy timeout should match (create_engine_for)
         # SQLite has one writer at a time and its busy handler polls: the threads of this
